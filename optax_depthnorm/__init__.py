@@ -1,0 +1,17 @@
+"""optax_depthnorm: depth-aware gradient transformations for Optax."""
+
+from optax_depthnorm._decay import DepthDecayState, depth_decay, depth_normalized
+from optax_depthnorm._depths import DepthOrderWarning, depth_table, layer_depths
+from optax_depthnorm._normalize import layerwise_normalize
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "DepthDecayState",
+  "DepthOrderWarning",
+  "depth_decay",
+  "depth_normalized",
+  "depth_table",
+  "layer_depths",
+  "layerwise_normalize",
+)

@@ -1,0 +1,135 @@
+"""Paths, leaf tests and safe per-block norms shared by every transform.
+
+Every transform in this library does three things to a pytree: flatten it with
+its paths, compute one number per block of leaves (a norm, a depth factor), and
+multiply the leaves by it. This module holds the pieces that do not depend on
+how depths are assigned.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+NORMS = ("l2", "l1", "max", "rms")
+
+
+def key_name(key: Any) -> str:
+  """Returns the plain name of one `jax.tree_util` path key."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def is_index_key(key: Any) -> bool:
+  """Whether a path key is an integer position (a list slot, an int dict key)."""
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return True
+  inner = getattr(key, "key", None)
+  return isinstance(inner, int) and not isinstance(inner, bool)
+
+
+def strip_value(path: Sequence[Any]) -> tuple[Any, ...]:
+  """A path without the trailing ``.value`` key of a Flax NNX ``Variable``."""
+  path = tuple(path)
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    return path[:-1]
+  return path
+
+
+def path_parts(path: Sequence[Any]) -> tuple[str, ...]:
+  """Names of a path's keys, without the trailing ``value`` of an NNX Variable."""
+  return tuple(key_name(k) for k in strip_value(path))
+
+
+def _is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def flatten(tree: Any) -> tuple[list[tuple[tuple[Any, ...], Any]], Any]:
+  """`tree_flatten_with_path` that keeps `optax.MaskedNode` as a leaf.
+
+  `optax.masked` hides leaves behind `MaskedNode()`; keeping them as leaves keeps
+  their paths, so the number of layers never depends on the mask.
+  """
+  return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
+
+
+def is_float_leaf(x: Any) -> bool:
+  """Whether a leaf is a non-empty floating array (the only leaves we transform)."""
+  dtype = getattr(x, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    return False
+  return math.prod(getattr(x, "shape", ())) > 0
+
+
+def is_param_leaf(x: Any) -> bool:
+  """A leaf that stands for a parameter: a float array, or one hidden by a mask."""
+  return _is_masked(x) or is_float_leaf(x)
+
+
+def acc_dtype(*dtypes: Any) -> Any:
+  """The dtype norms are computed in: float32, or wider if a leaf is wider."""
+  return functools.reduce(jnp.promote_types, dtypes, jnp.dtype(jnp.float32))
+
+
+def check_norm(norm: str) -> None:
+  """Raises a ValueError unless `norm` names a supported block norm."""
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+
+
+def block_norm(leaves: Sequence[jax.Array], norm: str = "l2") -> jax.Array:
+  """The norm of several leaves taken together as one vector.
+
+  Computed in float32 (or float64 if a leaf is float64), never in bf16/f16.
+
+  Args:
+    leaves: floating arrays of any shapes.
+    norm: ``"l2"`` sqrt(sum x^2), ``"l1"`` sum |x|, ``"max"`` max |x|, or
+      ``"rms"`` sqrt(mean x^2).
+
+  Returns:
+    A scalar in the accumulation dtype.
+  """
+  dtype = acc_dtype(*(x.dtype for x in leaves))
+  xs = [x.astype(dtype) for x in leaves]
+  if norm == "max":
+    return functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in xs])
+  if norm == "l1":
+    return sum(jnp.sum(jnp.abs(x)) for x in xs)
+  total = sum(jnp.sum(jnp.square(x)) for x in xs)
+  if norm == "rms":
+    total = total / sum(x.size for x in xs)
+  return jnp.sqrt(total)
+
+
+def scale_leaf(x: jax.Array, factor: jax.Array) -> jax.Array:
+  """``x * factor`` computed in float32 (or wider) and cast back to x's dtype."""
+  dtype = acc_dtype(x.dtype)
+  return (x.astype(dtype) * jnp.asarray(factor).astype(dtype)).astype(x.dtype)
+
+
+def safe_ratio(numerator: jax.Array, norm: jax.Array, eps: Any) -> jax.Array:
+  """``numerator / max(norm, eps)``: finite at norm = 0, NaN only if norm is NaN."""
+  norm = jnp.asarray(norm)
+  return jnp.asarray(numerator).astype(norm.dtype) / jnp.maximum(
+    norm, jnp.asarray(eps).astype(norm.dtype)
+  )
+
+
+def is_concrete_number(x: Any) -> bool:
+  """A plain Python/NumPy number, which can be validated at construction.
+
+  Traced values (as `optax.inject_hyperparams` passes them) and jax arrays are
+  not checked, so validation never branches on a traced value.
+  """
+  return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
