@@ -289,10 +289,7 @@ def depth_lookup(depths: Any) -> dict[str, int]:
   table = {}
   for path, depth in _tree.flatten(depths)[0]:
     name = "/".join(_tree.path_parts(path))
-    if (
-      isinstance(depth, (jax.core.Tracer, bool))
-      or not hasattr(depth, "__index__")
-    ):
+    if isinstance(depth, (jax.core.Tracer, bool)) or not hasattr(depth, "__index__"):
       raise TypeError(
         f"depths must hold Python ints (static labels), got {type(depth).__name__} at "
         f"{name!r}; build them with `odn.layer_depths`, outside jit."

@@ -78,7 +78,8 @@ def is_param_leaf(x: Any) -> bool:
 
 def acc_dtype(*dtypes: Any) -> Any:
   """The dtype norms are computed in: float32, or wider if a leaf is wider."""
-  return functools.reduce(jnp.promote_types, dtypes, jnp.dtype(jnp.float32))
+  wide = [jnp.dtype(d) for d in dtypes if jnp.dtype(d).itemsize > 4]
+  return max(wide, key=lambda d: d.itemsize) if wide else jnp.dtype(jnp.float32)
 
 
 def check_norm(norm: str) -> None:
