@@ -35,3 +35,13 @@ def test_demo_prints_a_row_per_optimizer(capsys):
     loss, accuracy = map(float, row.split()[-3:-1])
     assert 0 < loss < 5 and 0 <= accuracy <= 1
   assert "||grad first layer|| / ||grad last layer||" in out
+
+
+def test_notebooks_run_top_to_bottom():
+  import json
+
+  for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+    cells = json.loads(path.read_text())["cells"]
+    assert all(not c.get("outputs") for c in cells), f"{path.name}: outputs not stripped"
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    exec(compile(code, str(path), "exec"), {})
