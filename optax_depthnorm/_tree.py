@@ -120,11 +120,16 @@ def scale_leaf(x: jax.Array, factor: jax.Array) -> jax.Array:
 
 
 def safe_ratio(numerator: jax.Array, norm: jax.Array, eps: Any) -> jax.Array:
-  """``numerator / max(norm, eps)``: finite at norm = 0, NaN only if norm is NaN."""
+  """``numerator / max(norm, eps)``, and 0 where that denominator is 0.
+
+  Finite for a zero norm even when `eps` is 0 (e.g. 1e-8 cast to float16 by
+  `optax.inject_hyperparams`); a NaN norm still gives NaN, so a NaN shows.
+  """
   norm = jnp.asarray(norm)
-  return jnp.asarray(numerator).astype(norm.dtype) / jnp.maximum(
-    norm, jnp.asarray(eps).astype(norm.dtype)
-  )
+  denom = jnp.maximum(norm, jnp.asarray(eps).astype(norm.dtype))
+  zero = denom == 0
+  ratio = jnp.asarray(numerator).astype(norm.dtype) / jnp.where(zero, 1, denom)
+  return jnp.where(zero, 0, ratio)
 
 
 def is_concrete_number(x: Any) -> bool:

@@ -248,3 +248,14 @@ def test_precomputed_depths_and_rules():
   sub = functools.partial(odn.depth_decay, 0.2)
   with pytest.raises(ValueError, match="no entry for the leaf"):
     _apply(sub(depths={"Dense_0": {"kernel": 0}, "other": {"kernel": 1}}), grads)
+
+
+def test_zero_block_stays_zero_when_eps_underflows_in_float16():
+  # inject_hyperparams casts eps=1e-8 to the params' dtype: 0 in float16.
+  grads = {"a": {"w": jnp.zeros(3, jnp.float16)}, "b": {"w": jnp.ones(4, jnp.float16)}}
+  tx = optax.inject_hyperparams(odn.layerwise_normalize)(eps=1e-8)
+  state = tx.init(grads)
+  assert float(state.hyperparams["eps"]) == 0.0
+  out, _ = jax.jit(tx.update)(grads, state, grads)
+  assert np.all(np.asarray(out["a"]["w"]) == 0)
+  np.testing.assert_allclose(np.asarray(out["b"]["w"], np.float32), 0.5, rtol=1e-3)
