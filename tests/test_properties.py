@@ -1,0 +1,176 @@
+"""Property tests: norms, decays and jit on random pytrees (hypothesis).
+
+Trees are nested dicts and lists of small float32 arrays whose norm is either
+exactly 0 or at least 1e-3 (far above the default eps). Keys are plain letters,
+so no Flax auto-names mix and no `DepthOrderWarning` is raised.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import optax_depthnorm as odn
+
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+NORMS = {
+  "l2": lambda v: np.sqrt(np.sum(v * v)),
+  "l1": lambda v: np.sum(np.abs(v)),
+  "max": lambda v: np.max(np.abs(v)),
+  "rms": lambda v: np.sqrt(np.mean(v * v)),
+}
+
+
+@st.composite
+def leaves(draw: st.DrawFn) -> np.ndarray:
+  """A float32 array of 1 to 16 entries, all zero or with L2 norm >= 1e-3."""
+  shape = draw(hnp.array_shapes(min_dims=0, max_dims=2, min_side=1, max_side=4))
+  if draw(st.integers(0, 3)) == 0:
+    return np.zeros(shape, np.float32)
+  elements = st.floats(-10, 10, width=32, allow_subnormal=False)
+  x = np.array(draw(hnp.arrays(np.float32, shape, elements=elements)))
+  if np.sqrt(np.sum(np.square(x, dtype=np.float64))) < 1e-3:
+    x.reshape(-1)[draw(st.integers(0, x.size - 1))] = draw(st.sampled_from([1e-3, -0.5, 2.0]))
+  return x
+
+
+def trees() -> st.SearchStrategy[Any]:
+  keys = st.sampled_from(["a", "b", "c", "d"])
+  return st.recursive(
+    leaves(),
+    lambda children: (
+      st.lists(children, min_size=1, max_size=3)
+      | st.dictionaries(keys, children, min_size=1, max_size=3)
+    ),
+    max_leaves=8,
+  ).map(lambda tree: jax.tree.map(jnp.asarray, tree))
+
+
+# Always tried: a zero leaf next to a nonzero one in the same layer, and a list.
+ZERO_AND_LIST = {
+  "a": {"b": jnp.zeros((2, 2)), "c": jnp.array([3.0, 4.0])},
+  "d": [jnp.array(0.5), jnp.zeros(3)],
+}
+
+
+def _flat(tree: Any) -> list[np.ndarray]:
+  return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+def _depths(tree: Any, **kwargs: Any) -> list[int]:
+  return jax.tree.leaves(odn.layer_depths(tree, **kwargs))
+
+
+def _assert_finite_and_shaped(updates: Any, grads: Any) -> None:
+  assert jax.tree.structure(updates) == jax.tree.structure(grads)
+  for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
+    assert u.shape == g.shape and u.dtype == g.dtype
+    assert np.isfinite(np.asarray(u)).all()
+
+
+def _update(tx, grads: Any) -> Any:
+  updates, _ = tx.update(grads, tx.init(grads), grads)
+  return updates
+
+
+# ----------------------------------------------------------------------------- normalize
+
+
+@SETTINGS
+@given(tree=trees(), target=st.floats(0.1, 10.0), norm=st.sampled_from(list(NORMS)))
+@example(tree=ZERO_AND_LIST, target=1.0, norm="l2")
+def test_normalize_gives_each_nonzero_leaf_norm_target(tree, target, norm):
+  updates = _update(odn.layerwise_normalize(target=target, norm=norm), tree)
+  _assert_finite_and_shaped(updates, tree)
+  for u, g in zip(_flat(updates), _flat(tree)):
+    if not g.any():
+      assert not u.any()  # exactly zero
+    else:
+      np.testing.assert_allclose(NORMS[norm](u), target, rtol=1e-5)
+      np.testing.assert_allclose(u, g * (target / NORMS[norm](g)), rtol=1e-5, atol=1e-6)
+
+
+@SETTINGS
+@given(tree=trees(), target=st.floats(0.1, 10.0), norm=st.sampled_from(list(NORMS)))
+@example(tree=ZERO_AND_LIST, target=2.0, norm="l2")
+def test_normalize_by_layer_gives_each_nonzero_layer_norm_target(tree, target, norm):
+  updates = _update(odn.layerwise_normalize(target=target, norm=norm, group="layer"), tree)
+  _assert_finite_and_shaped(updates, tree)
+  layers: dict[int, list[int]] = defaultdict(list)
+  for i, d in enumerate(_depths(tree)):
+    layers[d].append(i)
+  us, gs = _flat(updates), _flat(tree)
+  for block in layers.values():
+    u = np.concatenate([us[i].ravel() for i in block])
+    g = np.concatenate([gs[i].ravel() for i in block])
+    if not g.any():
+      assert not u.any()
+    else:
+      np.testing.assert_allclose(NORMS[norm](u), target, rtol=1e-5)
+      # one factor for the whole layer: zero leaves in it stay zero
+      np.testing.assert_allclose(u, g * (target / NORMS[norm](g)), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- decay
+
+
+def _expected_factor(gamma: float, d: int, deepest: int, decay: str, normalize: bool) -> float:
+  x = d / deepest if normalize and deepest > 0 else d
+  gamma = float(np.float32(gamma))  # the transform computes in float32
+  return (1.0 - gamma) ** x if decay == "linear" else float(np.exp(-gamma * x))
+
+
+@SETTINGS
+@given(
+  tree=trees(),
+  gamma=st.floats(0.0, 1.0),
+  decay=st.sampled_from(["linear", "exponential"]),
+  reverse=st.booleans(),
+  normalize_depth=st.booleans(),
+)
+@example(tree=ZERO_AND_LIST, gamma=1.0, decay="linear", reverse=False, normalize_depth=False)
+def test_depth_decay_never_increases_a_norm(tree, gamma, decay, reverse, normalize_depth):
+  tx = odn.depth_decay(gamma, decay=decay, reverse=reverse, normalize_depth=normalize_depth)
+  updates = _update(tx, tree)
+  _assert_finite_and_shaped(updates, tree)
+  depths = _depths(tree, reverse=reverse)
+  deepest = max(depths)
+  for u, g, d in zip(_flat(updates), _flat(tree), depths):
+    assert (np.abs(u) <= np.abs(g)).all()
+    assert NORMS["l2"](u) <= NORMS["l2"](g)
+    factor = _expected_factor(gamma, d, deepest, decay, normalize_depth)
+    np.testing.assert_allclose(u, g * factor, rtol=1e-5, atol=1e-30)
+
+
+# ----------------------------------------------------------------------------- jit
+
+
+TRANSFORMS = {
+  "layerwise_normalize": lambda: odn.layerwise_normalize(target=2.0, group="layer"),
+  "depth_decay": lambda: odn.depth_decay(0.3, decay="linear", reverse=True),
+  "depth_normalized": lambda: odn.depth_normalized(0.2, target="last_layer"),
+}
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+@SETTINGS
+@given(tree=trees())
+def test_jit_matches_eager(name, tree):
+  tx = TRANSFORMS[name]()
+  state = tx.init(tree)
+  eager, eager_state = tx.update(tree, state, tree)
+  jitted, jit_state = jax.jit(tx.update)(tree, state, tree)
+  _assert_finite_and_shaped(jitted, tree)
+  for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert jax.tree.structure(jit_state) == jax.tree.structure(eager_state)
+  for a, b in zip(jax.tree.leaves(jit_state), jax.tree.leaves(eager_state)):
+    np.testing.assert_array_equal(a, b)
