@@ -8,7 +8,10 @@ numbers, and a layer's depth is its rank: 0 at the input side.
 
 from __future__ import annotations
 
+import operator
+import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Union
@@ -27,6 +30,27 @@ _FIX = (
   "or a `rule=` (regex, mapping or callable); check with `odn.depth_table`. "
   "Silence with `warnings.simplefilter('ignore', odn.DepthOrderWarning)`."
 )
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _caller_stacklevel() -> int:
+  """The `stacklevel` that points a warning at the first frame outside this package."""
+  frame, level = sys._getframe(1), 1
+  while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+    frame, level = frame.f_back, level + 1
+  return level
+
+
+def _as_index(x: Any) -> int | None:
+  """`x` as a Python int if it is an integer (not a bool, not a float array)."""
+  if isinstance(x, bool):
+    return None
+  try:
+    return operator.index(x)
+  except TypeError:
+    return None
 
 
 class DepthOrderWarning(UserWarning):
@@ -92,7 +116,7 @@ def _trusted_orders(
         f"Flax numbers each class separately, so names cannot tell their order and "
         f"depths follow names ({', '.join(sorted(names, key=_natural_key)[:4])}, ...). " + _FIX,
         DepthOrderWarning,
-        stacklevel=4,
+        stacklevel=_caller_stacklevel(),
       )
   return trusted
 
@@ -151,11 +175,12 @@ def _prefix_depth(rule: Mapping[str, int], path: str) -> int:
 
 
 def _check_depth(depth: Any, path: str) -> int:
-  if isinstance(depth, bool) or not hasattr(depth, "__index__") or int(depth) < 0:
+  index = _as_index(depth)
+  if index is None or index < 0:
     raise ValueError(
       f"rule gave depth {depth!r} for the leaf at {path!r}; depths must be non-negative integers."
     )
-  return int(depth)
+  return index
 
 
 def _rule_depths(tree: Any, rule: DepthRule, paths: list, leaves: list) -> list[int]:
@@ -289,12 +314,13 @@ def depth_lookup(depths: Any) -> dict[str, int]:
   table = {}
   for path, depth in _tree.flatten(depths)[0]:
     name = "/".join(_tree.path_parts(path))
-    if isinstance(depth, (jax.core.Tracer, bool)) or not hasattr(depth, "__index__"):
+    index = None if isinstance(depth, jax.core.Tracer) else _as_index(depth)
+    if index is None:
       raise TypeError(
         f"depths must hold Python ints (static labels), got {type(depth).__name__} at "
         f"{name!r}; build them with `odn.layer_depths`, outside jit."
       )
-    table[name] = int(depth)
+    table[name] = index
   return table
 
 
@@ -308,12 +334,11 @@ def _is_rule(depths: Any) -> bool:
   if isinstance(depths, (str, re.Pattern)):
     return True
   if isinstance(depths, Mapping):
-    return all(isinstance(k, str) and _is_int(v) for k, v in depths.items())
+    return all(
+      isinstance(k, str) and not hasattr(v, "shape") and _as_index(v) is not None
+      for k, v in depths.items()
+    )
   return callable(depths) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(depths))
-
-
-def _is_int(x: Any) -> bool:
-  return hasattr(x, "__index__") and not isinstance(x, bool) and not hasattr(x, "shape")
 
 
 def depth_table(tree: Any, depths: Any = None) -> str:
