@@ -126,10 +126,15 @@ def safe_ratio(numerator: jax.Array, norm: jax.Array, eps: Any) -> jax.Array:
   `optax.inject_hyperparams`); a NaN norm still gives NaN, so a NaN shows.
   """
   norm = jnp.asarray(norm)
+  numerator = jnp.asarray(numerator).astype(norm.dtype)
   denom = jnp.maximum(norm, jnp.asarray(eps).astype(norm.dtype))
+  if is_concrete_number(eps) and np.asarray(eps, norm.dtype) > 0:
+    # denom >= eps > 0 needs no guard; unguarded, `norm` has a single use, so XLA
+    # fuses its reduction, the max and the divide into one kernel per block
+    # (the guard splits that in two: one more kernel per block, every step).
+    return numerator / denom
   zero = denom == 0
-  ratio = jnp.asarray(numerator).astype(norm.dtype) / jnp.where(zero, 1, denom)
-  return jnp.where(zero, 0, ratio)
+  return jnp.where(zero, 0, numerator / jnp.where(zero, 1, denom))
 
 
 def is_concrete_number(x: Any) -> bool:

@@ -1,0 +1,218 @@
+"""Train-step overhead of optax_depthnorm's transforms on a ResNet-50-shaped tree.
+
+Times one jitted optimizer step, ``tx.update`` followed by ``optax.apply_updates``,
+with fixed random gradients, for four optimizers side by side in one run:
+
+1. ``optax.adam(1e-3)``, the baseline;
+2. ``layerwise_normalize() -> depth_decay(0.01) -> adam(1e-3)``, the transform
+   under test;
+3. ``optax.lamb(1e-3)``, a peer that also takes per-leaf norms;
+4. ``clip_by_global_norm(1.0) -> adam(1e-3)``, a peer that takes one global norm.
+
+Method: every variant is compiled first, then the variants are alternated for
+``--rounds`` rounds (their order rotates each round); in each round every
+variant runs ``--steps`` consecutive steps, blocked on at the end, and the
+per-step time of that round is recorded. Reported per variant: the median over
+rounds with min and max, median / adam median, and the median over rounds of
+the per-round ratio to adam (robust to load that drifts during the run). Params
+and optimizer state are donated to the step, so memory does not double. Also
+reported: XLA kernels per step (top-level ops of the optimized module), the
+StableHLO op count before optimization, and trace + compile time.
+
+Run from the repository root::
+
+  python3 benchmarks/transform_overhead.py                  # full size, 15 rounds
+  python3 benchmarks/transform_overhead.py --quick          # smoke test
+  python3 benchmarks/transform_overhead.py --json out.json  # also write results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from _harness import (
+  Runner,
+  add_timing_args,
+  alternate,
+  check_timing_args,
+  compile_all,
+  machine_facts,
+  print_machine,
+  report,
+)
+
+import optax_depthnorm as odn
+
+Params = dict[str, Any]
+
+STAGES = (3, 4, 6, 3)
+STAGE_WIDTHS = (64, 128, 256, 512)
+EXPANSION = 4
+NUM_CLASSES = 1000
+
+
+# --------------------------------------------------------------------------- #
+# ResNet-50-shaped parameter tree (linen naming, creation order).
+
+
+def _conv(key: jax.Array, kh: int, kw: int, cin: int, cout: int) -> Params:
+  fan_in = kh * kw * cin
+  kernel = jax.random.normal(key, (kh, kw, cin, cout), jnp.float32) / np.sqrt(fan_in)
+  return {"kernel": kernel}
+
+
+def _batch_norm(features: int) -> Params:
+  return {
+    "scale": jnp.ones((features,), jnp.float32),
+    "bias": jnp.zeros((features,), jnp.float32),
+  }
+
+
+def _bottleneck(key: jax.Array, cin: int, width: int, project: bool) -> Params:
+  """One bottleneck block: 1x1 -> 3x3 -> 1x1 convs with BNs, maybe a projection."""
+  keys = jax.random.split(key, 4)
+  cout = width * EXPANSION
+  block: Params = {
+    "Conv_0": _conv(keys[0], 1, 1, cin, width),
+    "BatchNorm_0": _batch_norm(width),
+    "Conv_1": _conv(keys[1], 3, 3, width, width),
+    "BatchNorm_1": _batch_norm(width),
+    "Conv_2": _conv(keys[2], 1, 1, width, cout),
+    "BatchNorm_2": _batch_norm(cout),
+  }
+  if project:
+    block["conv_proj"] = _conv(keys[3], 1, 1, cin, cout)
+    block["norm_proj"] = _batch_norm(cout)
+  return block
+
+
+def resnet50_params(key: jax.Array, width_divisor: int = 1) -> Params:
+  """Float32 params with ResNet-50's shapes (HWIO convs), as a linen-style dict.
+
+  Args:
+    key: PRNG key for the conv and dense kernels.
+    width_divisor: divide every channel width by this (1 = the real ResNet-50).
+
+  Returns:
+    ``{"Conv_0", "BatchNorm_0", "BottleneckResNetBlock_0".."_15", "Dense_0"}`` in
+    creation order; 161 leaves, 25,557,032 parameters at full width.
+  """
+  keys = iter(jax.random.split(key, 2 + sum(STAGES)))
+  stem = 64 // width_divisor
+  params: Params = {
+    "Conv_0": _conv(next(keys), 7, 7, 3, stem),
+    "BatchNorm_0": _batch_norm(stem),
+  }
+  cin, index = stem, 0
+  for blocks, stage_width in zip(STAGES, STAGE_WIDTHS):
+    width = stage_width // width_divisor
+    for b in range(blocks):
+      # A stage's first block changes the channel count (and, after the first
+      # stage, the stride), so it has a projection shortcut.
+      params[f"BottleneckResNetBlock_{index}"] = _bottleneck(next(keys), cin, width, b == 0)
+      cin, index = width * EXPANSION, index + 1
+  dense_key = next(keys)
+  params["Dense_0"] = {
+    "kernel": jax.random.normal(dense_key, (cin, NUM_CLASSES), jnp.float32) / np.sqrt(cin),
+    "bias": jnp.zeros((NUM_CLASSES,), jnp.float32),
+  }
+  return params
+
+
+def tree_size(tree: Any) -> tuple[int, int]:
+  """(number of parameters, number of leaves) of a pytree of arrays."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  return sum(int(x.size) for x in leaves), len(leaves)
+
+
+# --------------------------------------------------------------------------- #
+# Variants and the timed step.
+
+
+def variants() -> dict[str, Callable[[], optax.GradientTransformation]]:
+  """The optimizers compared, baseline first, by the name printed in the table."""
+  return {
+    "adam": lambda: optax.adam(1e-3),
+    "layerwise_normalize+depth_decay+adam": lambda: optax.chain(
+      odn.layerwise_normalize(), odn.depth_decay(0.01), optax.adam(1e-3)
+    ),
+    "lamb": lambda: optax.lamb(1e-3),
+    "clip_by_global_norm+adam": lambda: optax.chain(
+      optax.clip_by_global_norm(1.0), optax.adam(1e-3)
+    ),
+  }
+
+
+def optimizer_runner(tx: optax.GradientTransformation, params: Params, grads: Params) -> Runner:
+  """A runner of one optimizer step on its own copy of params and state."""
+
+  def step(carry: tuple[Params, Any], grads: Params) -> tuple[Params, Any]:
+    params, state = carry
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  own = jax.tree_util.tree_map(jnp.copy, params)
+  return Runner(step, (own, tx.init(own)), grads)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  add_timing_args(parser)
+  args = parser.parse_args(argv)
+  check_timing_args(parser, args)
+  return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  width_divisor = 4 if args.quick else 1
+  facts = machine_facts()
+  print_machine(facts)
+
+  key_params, key_grads = jax.random.split(jax.random.key(args.seed))
+  params = resnet50_params(key_params, width_divisor)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  grad_keys = jax.random.split(key_grads, len(leaves))
+  grads = jax.tree_util.tree_unflatten(
+    treedef,
+    [1e-2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(grad_keys, leaves)],
+  )
+  n_params, n_leaves = tree_size(params)
+  size = "ResNet-50" if width_divisor == 1 else f"ResNet-50, widths / {width_divisor}"
+  print(f"\n## Tree: {size}: {n_params:,} params in {n_leaves} leaves (float32)")
+  print(
+    f"Method: compile all, {args.warmup} warm-up steps each, then {args.rounds} rounds "
+    f"alternating the variants, {args.steps} consecutive steps per variant per round.\n"
+  )
+  makers = {
+    name: (lambda make=make: optimizer_runner(make(), params, grads))
+    for name, make in variants().items()
+  }
+  runners = compile_all(makers, args.warmup)
+  times = alternate(runners, args.rounds, args.steps)
+  rows = report(runners, times, facts)
+  result = {
+    "machine": facts,
+    "tree": {"width_divisor": width_divisor, "params": n_params, "leaves": n_leaves},
+    "config": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},
+    "results": rows,
+    "compile_s": {name: r.compile_s for name, r in runners.items()},
+    "stablehlo_ops": {name: r.hlo_ops for name, r in runners.items()},
+    "xla_kernels": {name: r.kernels for name, r in runners.items()},
+    "round_times_ms": {name: [1e3 * t for t in ts] for name, ts in times.items()},
+  }
+  if args.json is not None:
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,40 @@
+"""The benchmark scripts run (smallest settings); no timing is asserted."""
+
+import importlib
+import pathlib
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+  monkeypatch.syspath_prepend(str(BENCHMARKS))
+  return lambda name: importlib.import_module(name)
+
+
+TINY = ["--quick", "--rounds", "1", "--steps", "1", "--warmup", "0"]
+
+
+def test_transform_overhead_reports_every_variant(bench, tmp_path, capsys):
+  result = bench("transform_overhead").main([*TINY, "--json", str(tmp_path / "r.json")])
+  names = [r["variant"] for r in result["results"]]
+  assert names[0] == "adam" and len(names) == 4
+  assert result["results"][0]["ratio"] == 1.0
+  assert result["tree"]["leaves"] == 161
+  assert (tmp_path / "r.json").stat().st_size > 0
+  assert "| adam |" in capsys.readouterr().out
+
+
+def test_bgn_overhead_reports_four_ways(bench):
+  result = bench("bgn_overhead").main([*TINY, "--depth", "3", "--batch", "8"])
+  assert [r["variant"] for r in result["results"]] == ["plain", "bgn", "bn", "bn+bgn"]
+  assert all(r["median_ms"] > 0 for r in result["results"])
+
+
+def test_bad_counts_are_rejected(bench):
+  with pytest.raises(SystemExit):
+    bench("bgn_overhead").main(["--rounds", "0"])
+  assert "benchmarks" in sys.modules["bgn_overhead"].__file__
