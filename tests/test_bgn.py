@@ -215,3 +215,8 @@ def test_with_bgn_passes_options_and_keeps_name():
   x = jnp.ones((2, 4))
   g = jax.grad(lambda x: jnp.sum(f(x) * jnp.array([[1.0], [5.0]])))(x)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(g), axis=1), 3.0, rtol=1e-6)
+
+
+def test_forward_mode_is_refused_as_documented():
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jvp(odn.bgn, (jnp.ones((2, 2)),), (jnp.ones((2, 2)),))
