@@ -8,6 +8,7 @@ reports medians with min/max and ratios to a baseline measured in the same run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -217,3 +218,39 @@ def report(
   facts["loadavg_at_end"] = _loadavg()
   print(f"\nload average at start: {facts['loadavg_at_start']}, at end: {facts['loadavg_at_end']}")
   return rows
+
+
+def run_all(
+  makers: dict[str, Callable[[], Runner]],
+  args: argparse.Namespace,
+  facts: dict[str, Any],
+  setup: dict[str, Any],
+) -> dict[str, Any]:
+  """Compiles, alternates and reports every variant; writes ``--json`` if asked.
+
+  Args:
+    makers: variant name -> a function building its `Runner`, baseline first.
+    args: the parsed timing options (see `add_timing_args`).
+    facts: `machine_facts()`, printed already.
+    setup: what was measured (network or tree sizes), stored in the result.
+
+  Returns:
+    The result: machine, setup, config, per-variant rows and every round's times.
+  """
+  runners = compile_all(makers, args.warmup)
+  times = alternate(runners, args.rounds, args.steps)
+  rows = report(runners, times, facts)
+  result = {
+    "machine": facts,
+    "setup": setup,
+    "config": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},
+    "results": rows,
+    "compile_s": {name: r.compile_s for name, r in runners.items()},
+    "stablehlo_ops": {name: r.hlo_ops for name, r in runners.items()},
+    "xla_kernels": {name: r.kernels for name, r in runners.items()},
+    "round_times_ms": {name: [1e3 * t for t in ts] for name, ts in times.items()},
+  }
+  if args.json is not None:
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+  return result

@@ -21,7 +21,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import flax.linen as nn
@@ -31,12 +30,10 @@ import optax
 from _harness import (
   Runner,
   add_timing_args,
-  alternate,
   check_timing_args,
-  compile_all,
   machine_facts,
   print_machine,
-  report,
+  run_all,
 )
 
 import optax_depthnorm as odn
@@ -108,20 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name: (lambda bn=bn, b=b: train_runner(DeepMLP(depth, 64, bn, b), x, y))
     for name, (bn, b) in VARIANTS.items()
   }
-  runners = compile_all(makers, args.warmup)
-  times = alternate(runners, args.rounds, args.steps)
-  rows = report(runners, times, facts)
-  result = {
-    "machine": facts,
-    "network": {"depth": depth, "width": 64, "batch": args.batch},
-    "config": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},
-    "results": rows,
-    "round_times_ms": {name: [1e3 * t for t in ts] for name, ts in times.items()},
-  }
-  if args.json is not None:
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
-  return result
+  return run_all(makers, args, facts, {"depth": depth, "width": 64, "batch": args.batch})
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -40,12 +39,10 @@ import optax
 from _harness import (
   Runner,
   add_timing_args,
-  alternate,
   check_timing_args,
-  compile_all,
   machine_facts,
   print_machine,
-  report,
+  run_all,
 )
 
 import optax_depthnorm as odn
@@ -195,23 +192,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name: (lambda make=make: optimizer_runner(make(), params, grads))
     for name, make in variants().items()
   }
-  runners = compile_all(makers, args.warmup)
-  times = alternate(runners, args.rounds, args.steps)
-  rows = report(runners, times, facts)
-  result = {
-    "machine": facts,
-    "tree": {"width_divisor": width_divisor, "params": n_params, "leaves": n_leaves},
-    "config": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},
-    "results": rows,
-    "compile_s": {name: r.compile_s for name, r in runners.items()},
-    "stablehlo_ops": {name: r.hlo_ops for name, r in runners.items()},
-    "xla_kernels": {name: r.kernels for name, r in runners.items()},
-    "round_times_ms": {name: [1e3 * t for t in ts] for name, ts in times.items()},
-  }
-  if args.json is not None:
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
-  return result
+  return run_all(
+    makers, args, facts, {"width_divisor": width_divisor, "params": n_params, "leaves": n_leaves}
+  )
 
 
 if __name__ == "__main__":

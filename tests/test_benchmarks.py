@@ -23,7 +23,7 @@ def test_transform_overhead_reports_every_variant(bench, tmp_path, capsys):
   names = [r["variant"] for r in result["results"]]
   assert names[0] == "adam" and len(names) == 4
   assert result["results"][0]["ratio"] == 1.0
-  assert result["tree"]["leaves"] == 161
+  assert result["setup"]["leaves"] == 161
   assert (tmp_path / "r.json").stat().st_size > 0
   assert "| adam |" in capsys.readouterr().out
 
