@@ -4,7 +4,20 @@ from optax_depthnorm import nnx
 from optax_depthnorm._bgn import BGN, bgn, with_bgn
 from optax_depthnorm._decay import DepthDecayState, depth_decay, depth_normalized
 from optax_depthnorm._depths import DepthOrderWarning, depth_table, layer_depths
+from optax_depthnorm._flow import (
+  Flag,
+  FlowReport,
+  FlowStats,
+  GradientFlowState,
+  activation_gradient_norms,
+  diagnose,
+  flow_from_state,
+  gradient_flow,
+  track_gradient_flow,
+)
 from optax_depthnorm._normalize import layerwise_normalize
+from optax_depthnorm._plot import plot_flow_heatmap, plot_gradient_flow
+from optax_depthnorm._scale import ScaleNormalizeState, scale_normalize
 
 __version__ = "0.1.0"
 
@@ -12,12 +25,25 @@ __all__ = (
   "BGN",
   "DepthDecayState",
   "DepthOrderWarning",
+  "Flag",
+  "FlowReport",
+  "FlowStats",
+  "GradientFlowState",
+  "ScaleNormalizeState",
+  "activation_gradient_norms",
   "bgn",
   "depth_decay",
   "depth_normalized",
   "depth_table",
+  "diagnose",
+  "flow_from_state",
+  "gradient_flow",
   "layer_depths",
   "layerwise_normalize",
   "nnx",
+  "plot_flow_heatmap",
+  "plot_gradient_flow",
+  "scale_normalize",
+  "track_gradient_flow",
   "with_bgn",
 )

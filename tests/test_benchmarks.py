@@ -38,3 +38,18 @@ def test_bad_counts_are_rejected(bench):
   with pytest.raises(SystemExit):
     bench("bgn_overhead").main(["--rounds", "0"])
   assert "benchmarks" in sys.modules["bgn_overhead"].__file__
+
+
+def test_scale_overhead_times_every_mode_on_both_trees(bench, capsys):
+  result = bench("scale_overhead").main([*TINY, "--batch", "4"])
+  trees = result["trees"]
+  assert list(trees) == ["MLP 784-100-100-100-10", "ResNet-50 / 4"]
+  assert trees["MLP 784-100-100-100-10"]["params"] == 784 * 100 + 2 * 100 * 100 + 100 * 10 + 310
+  for tree in trees.values():
+    names = [r["variant"] for r in tree["results"]]
+    assert names == [
+      "sgd",
+      *(f"sgd+scale_normalize({m})" for m in ("data", "probe", "determinant")),
+    ]
+    assert tree["results"][0]["ratio"] == 1.0
+  assert "| sgd+scale_normalize(determinant) |" in capsys.readouterr().out.split("Side by side")[1]

@@ -39,19 +39,28 @@ class Entry:
   `factory(**hparams)` builds it; `factory` takes the hyperparameters as
   keywords so that `optax.inject_hyperparams(factory)(**hparams)` wraps it.
   `changed` holds new values of numeric hyperparameters that visibly change the
-  updates (empty when the only hyperparameter is a schedule).
+  updates (empty when the only hyperparameter is a schedule). `after_optimizer`
+  marks a projection of the optimizer's updates (`scale_normalize`): it is
+  chained after SGD, and a zero update is not its fixed point.
   """
 
   name: str
   factory: Callable[..., optax.GradientTransformation]
   hparams: dict[str, Any]
   changed: dict[str, Any] = dataclasses.field(default_factory=dict)
+  after_optimizer: bool = False
 
   def make(self, **overrides: Any) -> optax.GradientTransformation:
     return self.factory(**{**self.hparams, **overrides})
 
   def inject(self) -> optax.GradientTransformationExtraArgs:
     return optax.inject_hyperparams(self.factory)(**self.hparams)
+
+  def with_sgd(self, tx: optax.GradientTransformation, lr: float = 0.05):
+    """`tx` and SGD chained in the order the transform is used in."""
+    return (
+      optax.chain(optax.sgd(lr), tx) if self.after_optimizer else optax.chain(tx, optax.sgd(lr))
+    )
 
 
 _partial = functools.partial
@@ -78,8 +87,22 @@ _ENTRIES = [
   ),
   Entry("decay_schedule", odn.depth_decay, {"gamma": optax.linear_schedule(0.0, 0.5, 10)}),
   Entry("depth_normalized", odn.depth_normalized, {"gamma": 0.01}, {"gamma": 0.5}),
+  # Passes updates unchanged; `history` is a shape, not an injectable hyperparameter.
+  Entry("track_flow", lambda: odn.track_gradient_flow(history=3), {}),
+  Entry(
+    "scale_det", _partial(odn.scale_normalize, "determinant"), {"eps": 1e-8}, {"eps": 1e3}, True
+  ),
+  Entry(
+    "scale_probe",
+    _partial(odn.scale_normalize, "probe"),
+    {"first_n_steps": 9},
+    {"first_n_steps": 0},
+    True,
+  ),
 ]
 TRANSFORMS = [pytest.param(e, id=e.name) for e in _ENTRIES]
+# A projection after the optimizer maps a zero update to the projected params (test_scale.py).
+GRADIENT_TRANSFORMS = [pytest.param(e, id=e.name) for e in _ENTRIES if not e.after_optimizer]
 
 
 # ----------------------------------------------------------------------------- trees
@@ -273,7 +296,7 @@ def test_dtype_kept_under_jit_and_strict_promotion_mixed_tree(entry):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-@pytest.mark.parametrize("entry", TRANSFORMS)
+@pytest.mark.parametrize("entry", GRADIENT_TRANSFORMS)
 def test_zero_gradient_stays_zero(entry, dtype):
   """A zero gradient is a fixed point, never NaN, also under `inject_hyperparams`.
 
@@ -305,7 +328,7 @@ def test_update_accepts_extra_args():
 def test_chain_with_sgd_trains_in_jitted_scan(entry):
   """A linen MLP regression trains (NNX: `test_nnx_optimizer`)."""
   prob = problem("linen")
-  opt = optax.chain(entry.make(), optax.sgd(0.05))
+  opt = entry.with_sgd(entry.make())
 
   @jax.jit
   def train(params):
@@ -347,10 +370,11 @@ def test_inject_hyperparams_can_be_changed_in_state(entry):
   grads = random_like(params, 5)
   injected = entry.inject()
   state = injected.init(params)
-  if not entry.changed:  # a schedule: the state shows its value at each step
+  if not entry.changed:  # schedules (or none): the state shows their value at each step
     for i in range(3):
       _, state = injected.update(grads, state, params)
-      np.testing.assert_allclose(state.hyperparams["gamma"], entry.hparams["gamma"](i), rtol=1e-6)
+      for name, schedule in entry.hparams.items():
+        np.testing.assert_allclose(state.hyperparams[name], schedule(i), rtol=1e-6)
     return
   for name, value in entry.changed.items():
     state.hyperparams[name] = jnp.asarray(value, state.hyperparams[name].dtype)
@@ -421,7 +445,8 @@ def test_inside_multisteps(entry):
   # MultiSteps averages in each leaf's dtype, and a target taken from the
   # (bfloat16) last layer carries that rounding into every layer.
   assert_close_to_float32(float_leaves(updates), float_leaves(expected), tol=2e-2)
-  chex.assert_trees_all_equal(state.inner_opt_state, expected_state)
+  # Measurements in state (`track_flow`) carry that rounding too; counts are exact.
+  chex.assert_trees_all_close(state.inner_opt_state, expected_state, rtol=2e-2)
 
 
 # ----------------------------------------------------------------------------- (e), (f) state
@@ -432,7 +457,7 @@ def test_inside_multisteps(entry):
 @pytest.mark.parametrize("entry", TRANSFORMS)
 def test_state_structure_shapes_dtypes_stable(entry, wrap, dtype):
   tx = entry.make() if wrap == "plain" else entry.inject()
-  opt = optax.chain(tx, optax.sgd(0.05))
+  opt = entry.with_sgd(tx)
   params = cast(problem("linen").params, dtype)
   state0 = opt.init(params)
   state = state0
@@ -457,7 +482,7 @@ def _jitted_step(opt: optax.GradientTransformation):
 @pytest.mark.parametrize("entry", TRANSFORMS)
 def test_no_recompilation_across_steps(entry, wrap):
   tx = entry.make() if wrap == "plain" else entry.inject()
-  opt = optax.chain(tx, optax.sgd(0.05))
+  opt = entry.with_sgd(tx)
   step = _jitted_step(opt)
   params = problem("linen").params
   state = opt.init(params)
@@ -473,7 +498,7 @@ def test_no_recompilation_across_steps(entry, wrap):
 @pytest.mark.parametrize("entry", TRANSFORMS)
 def test_state_survives_flax_serialization(entry, wrap):
   tx = entry.make() if wrap == "plain" else entry.inject()
-  opt = optax.chain(tx, optax.sgd(0.05))
+  opt = entry.with_sgd(tx)
 
   def step(params, state, i):
     updates, state = opt.update(random_like(params, i), state, params)
@@ -584,7 +609,7 @@ def test_sharded_params_give_the_unsharded_updates(entry):
   assert s_params["Dense_0"]["kernel"].sharding == rows
   updates, state = jax.jit(tx.update)(s_grads, tx.init(s_params), s_params)
   chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-7)
-  chex.assert_trees_all_equal(state, expected_state)
+  chex.assert_trees_all_close(state, expected_state, rtol=1e-6)  # sums in another order
   kernel = updates["Dense_0"]["kernel"]
   assert kernel.sharding.is_equivalent_to(rows, kernel.ndim)
 
@@ -596,11 +621,11 @@ def test_sharded_params_give_the_unsharded_updates(entry):
 def test_nnx_optimizer(entry):
   """`nnx.Optimizer` inits on an `nnx.State` but updates pure trees: same result."""
   model = new_nnx_model()
-  opt = nnx.Optimizer(model, optax.chain(entry.make(), optax.sgd(0.05)), wrt=nnx.Param)
+  opt = nnx.Optimizer(model, entry.with_sgd(entry.make()), wrt=nnx.Param)
   loss = lambda m: jnp.mean((m(X) - Y) ** 2)
 
   params = nnx.state(model, nnx.Param)
-  tx = optax.chain(entry.make(), optax.sgd(0.05))
+  tx = entry.with_sgd(entry.make())
   updates, _ = tx.update(nnx.grad(loss)(model), tx.init(params), params)
   expected = nnx.to_pure_dict(optax.apply_updates(params, updates))
 

@@ -1,0 +1,254 @@
+"""Gradient-flow plots: `plot_gradient_flow` and `plot_flow_heatmap`.
+
+matplotlib is imported inside the functions only, so importing
+`optax_depthnorm` never imports it (install it with the ``plot`` extra).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import numpy as np
+
+from optax_depthnorm import _flow
+
+MAX_NAMED_LAYERS = 16
+STAT_LABELS = {
+  "norm": "L2 norm",
+  "mean_abs": "mean |g|",
+  "max_abs": "max |g|",
+  "rms": "rms",
+  "param_norm": "weight norm",
+  "ratio": "norm / weight norm",
+}
+_STYLES = {"mean_abs": "-", "max_abs": "--", "norm": "-", "rms": "-."}
+Reports = Union[_flow.FlowReport, Sequence[_flow.FlowReport], Mapping[str, _flow.FlowReport]]
+
+
+def _pyplot() -> Any:
+  try:
+    import matplotlib.pyplot as plt
+  except ImportError as error:  # pragma: no cover - matplotlib is in the dev extra
+    raise ImportError(
+      "plotting needs matplotlib: `pip install 'optax_depthnorm[plot]'`."
+    ) from error
+  return plt
+
+
+def _check_stat(stat: str) -> None:
+  if stat not in STAT_LABELS:
+    raise ValueError(f"stat must be one of {tuple(STAT_LABELS)}, got {stat!r}.")
+
+
+def _runs(reports: Reports, labels: Sequence[str] | None) -> list[tuple[str | None, Any]]:
+  """(label, report) pairs; label None for a single unlabelled report."""
+  if isinstance(reports, _flow.FlowReport):
+    runs: list[tuple[str | None, Any]] = [(None, reports)]
+  elif isinstance(reports, Mapping):
+    runs = [(str(k), v) for k, v in reports.items()]
+  elif isinstance(reports, Sequence) and not isinstance(reports, str):
+    runs = [(f"run {i}", r) for i, r in enumerate(reports)]
+  else:
+    raise TypeError(
+      "reports must be a FlowReport, a sequence of them or a mapping label -> "
+      f"FlowReport; got {type(reports).__name__}."
+    )
+  if labels is not None:
+    if len(labels) != len(runs):
+      raise ValueError(f"got {len(labels)} labels for {len(runs)} reports.")
+    runs = [(str(label), r) for label, (_, r) in zip(labels, runs)]
+  if not runs:
+    raise ValueError("no report to plot.")
+  for label, report in runs:
+    if not isinstance(report, _flow.FlowReport):
+      raise TypeError(f"{label or 'report'} is a {type(report).__name__}, not a FlowReport.")
+    if np.ndim(report.norm) != 1:
+      raise ValueError(
+        f"{label or 'the report'} holds arrays of shape {np.shape(report.norm)} (stacked "
+        "steps); plot one step (`jax.tree.map(lambda x: x[-1], report)`) or use "
+        "`plot_flow_heatmap`."
+      )
+  return runs
+
+
+def _named(paths: Sequence[str], max_named: int) -> bool:
+  """Whether layer names fit and tell more than depth numbers."""
+  return 0 < len(paths) <= max_named and not all(p.startswith("layer_") for p in paths)
+
+
+def _label_layers(
+  ax: Any, positions: Sequence[float], paths: Sequence[str], depths: Sequence[int], named: bool
+) -> None:
+  """Layer names under the columns, or (many layers) about ten depth numbers."""
+  if named:
+    ax.set_xticks(list(positions), list(paths), rotation=45, ha="right", fontsize="small")
+    ax.set_xlabel("layer (input → output)")
+    return
+  steps = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+  step = next((s for s in steps if len(depths) <= 10 * s), len(depths) // 10 + 1)
+  picks = range(0, len(depths), step)
+  ax.set_xticks([positions[i] for i in picks], [str(depths[i]) for i in picks])
+  ax.set_xlabel("depth (0 = input)")
+
+
+def plot_gradient_flow(
+  reports: Reports,
+  ax: Any = None,
+  *,
+  stats: Sequence[str] = ("mean_abs", "max_abs"),
+  labels: Sequence[str] | None = None,
+  title: str | None = None,
+  max_named: int = MAX_NAMED_LAYERS,
+) -> Any:
+  """Plots per-layer gradient statistics against depth on a log scale.
+
+  The seed-002 picture: mean |g| (solid) and max |g| (dashed) of each layer,
+  input on the left, one colour per run, several runs overlaid with a legend
+  (e.g. plain vs BN vs BGN). Zeros (dead layers) cannot show on a log scale and
+  leave gaps. The x axis names the layers when there are at most `max_named`
+  of them (and all runs share them), and numbers their depths otherwise.
+
+  Args:
+    reports: a `FlowReport` (one step), a sequence of them, or a mapping
+      label -> report.
+    ax: matplotlib Axes to draw on; a new figure if None.
+    stats: which statistics to draw, one line each per run: ``"mean_abs"``,
+      ``"max_abs"``, ``"norm"``, ``"rms"``, ``"param_norm"`` or ``"ratio"``.
+    labels: legend labels for the runs (default: the mapping's keys, or
+      ``run 0, run 1, ...``).
+    title: the Axes title.
+    max_named: name layers on the x axis up to this many layers.
+
+  Returns:
+    The matplotlib Axes, with ``len(runs) * len(stats)`` lines.
+
+  Example:
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import jax.numpy as jnp
+    >>> import optax_depthnorm as odn
+    >>> grads = {f"Dense_{i}": {"kernel": jnp.full(3, 10.0**-i)} for i in range(4)}
+    >>> ax = odn.plot_gradient_flow({"plain": odn.gradient_flow(grads)})
+    >>> len(ax.get_lines()), ax.get_yscale()
+    (2, 'log')
+
+  References:
+    Seed 002, figs. 2-3 (gradient flow of VGG08 and VGG38).
+  """
+  for stat in stats:
+    _check_stat(stat)
+  runs = _runs(reports, labels)
+  plt = _pyplot()
+  if ax is None:
+    _, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+  for k, (label, report) in enumerate(runs):
+    x = np.asarray(report.depths)
+    for stat in stats:
+      y = getattr(report, stat)
+      if y is None:
+        raise ValueError(f"{label or 'the report'} has no {stat!r}: pass params to gradient_flow.")
+      y = np.asarray(y, np.float64)
+      name = STAT_LABELS[stat] if label is None else f"{label}: {STAT_LABELS[stat]}"
+      ax.plot(x, np.where(y > 0, y, np.nan), _STYLES.get(stat, ":"), color=f"C{k % 10}", label=name)
+  ax.set_yscale("log")
+  widest = max((r for _, r in runs), key=lambda r: len(r.depths))
+  named = all(r.paths == widest.paths for _, r in runs) and _named(widest.paths, max_named)
+  _label_layers(ax, widest.depths, widest.paths, widest.depths, named)
+  ax.set_ylabel(f"{runs[0][1].what} per layer (log scale)")
+  ax.grid(True, which="major", alpha=0.3)
+  ax.legend(fontsize="small")
+  if title is not None:
+    ax.set_title(title)
+  return ax
+
+
+def plot_flow_heatmap(
+  source: Any,
+  ax: Any = None,
+  *,
+  stat: str = "norm",
+  params: Any = None,
+  depths: Any = None,
+  title: str | None = None,
+  max_named: int = MAX_NAMED_LAYERS,
+  vmin: float | None = None,
+  vmax: float | None = None,
+) -> Any:
+  """Draws a heat map of one per-layer statistic over training steps.
+
+  Rows are steps (oldest at the bottom), columns layers (input on the left),
+  colour ``log10`` of the statistic; zeros and non-finite values are blank.
+
+  Args:
+    source: a `FlowReport` with arrays of shape ``(steps, n_layers)`` (e.g.
+      reports stacked by ``lax.scan``, or ``flow_from_state(..., history=True)``),
+      or an optimizer state holding a `track_gradient_flow` (its recorded
+      history is plotted).
+    ax: matplotlib Axes to draw on; a new figure if None.
+    stat: which statistic, see `plot_gradient_flow`.
+    params: with an optimizer state: a tree with the params' paths, to name the
+      layers (see `flow_from_state`).
+    depths: with an optimizer state: the tracker's `depths`.
+    title: the Axes title.
+    max_named: name layers on the x axis up to this many layers.
+    vmin: the log10 value at the bottom of the colour scale (default: the data's
+      minimum); give several heat maps the same `vmin` and `vmax` to compare them.
+    vmax: the log10 value at the top of the colour scale.
+
+  Returns:
+    The matplotlib Axes (holding one image; a colour bar is added to its figure).
+
+  Example:
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import jax, jax.numpy as jnp
+    >>> import optax
+    >>> import optax_depthnorm as odn
+    >>> params = {"a": {"w": jnp.ones(2)}, "b": {"w": jnp.ones(2)}}
+    >>> opt = optax.chain(odn.track_gradient_flow(history=8), optax.sgd(0.1))
+    >>> state = opt.init(params)
+    >>> for _ in range(3):
+    ...   _, state = opt.update(params, state, params)
+    >>> ax = odn.plot_flow_heatmap(state, params=params)
+    >>> ax.images[0].get_array().shape
+    (3, 2)
+  """
+  _check_stat(stat)
+  if isinstance(source, _flow.FlowReport):
+    report = source
+  else:
+    report = _flow.flow_from_state(source, params, depths=depths, history=True)
+  values = getattr(report, stat)
+  if values is None or np.ndim(values) != 2:
+    raise ValueError(
+      f"plot_flow_heatmap needs {stat!r} of shape (steps, n_layers), got "
+      f"{None if values is None else np.shape(values)}; pass a history "
+      "(`flow_from_state(state, history=True)` or reports stacked by `lax.scan`)."
+    )
+  values = np.asarray(values, np.float64)
+  if values.shape[0] == 0:
+    raise ValueError("the history is empty: no update has been recorded yet.")
+  plt = _pyplot()
+  if ax is None:
+    _, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+  logs = np.ma.masked_invalid(np.log10(np.where(values > 0, values, np.nan)))
+  image = ax.imshow(
+    logs,
+    aspect="auto",
+    origin="lower",
+    interpolation="nearest",
+    cmap="viridis",
+    vmin=vmin,
+    vmax=vmax,
+  )
+  ax.figure.colorbar(image, ax=ax, label=f"log10 {STAT_LABELS[stat]}")
+  steps = np.arange(values.shape[0]) if report.step is None else np.asarray(report.step)
+  rows = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 6)).round().astype(int))
+  ax.set_yticks(rows, [str(s) for s in steps[rows]])
+  ax.set_ylabel("training step")
+  named = _named(report.paths, max_named)
+  _label_layers(ax, range(len(report.paths)), report.paths, report.depths, named)
+  if title is not None:
+    ax.set_title(title)
+  return ax

@@ -1,0 +1,469 @@
+"""Scale and determinant normalization of weight matrices: `scale_normalize`.
+
+Placed after the optimizer, it rescales each new weight matrix W* = W + u so
+that its scale is 1, and returns the update that gets there. The scale is read
+off W* as a (fan_in, fan_out) matrix: from the layer's inputs, from random
+probes, or from its singular values (the pseudo-determinant).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_depthnorm import _depths, _tree
+
+MODES = ("data", "probe", "determinant")
+_DEFAULT_PROBES = 16
+KERNEL_LAYOUTS = ("flax", "equinox", "torch")
+AxesSpec = Union[None, int, Sequence[int]]
+FanInAxes = Union[None, Mapping[str, AxesSpec], Callable[[str, Any], AxesSpec]]
+
+NO_PARAMS_MSG = (
+  "scale_normalize rescales the new weights W* = params + updates and needs `params`: "
+  "call `update(updates, state, params)`, with scale_normalize after the optimizer "
+  "(`optax.chain(optax.sgd(lr), odn.scale_normalize(...))`)."
+)
+NO_INPUTS_MSG = (
+  "scale_normalize(mode='data') needs each layer's inputs: call "
+  "`update(updates, state, params, layer_inputs=...)` with a pytree that holds, under each "
+  "layer's path (e.g. {'Dense_0': x0, 'Dense_1': x1}), its inputs of shape (batch, fan_in); "
+  "`help(odn.scale_normalize)` shows how a Flax model hands them over. mode='probe' needs "
+  "no inputs."
+)
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class ScaleNormalizeState(NamedTuple):
+  """State of `scale_normalize`: the step count and the probes' PRNG key."""
+
+  count: jax.Array  # int32 scalar
+  key: jax.Array  # uint32 key data (`jax.random.key_data`); moves only in mode="probe"
+
+
+def _check_args(mode: str, kernel_layout: str, fan_in_axes: Any, num_probes: Any) -> None:
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+  if kernel_layout not in KERNEL_LAYOUTS:
+    raise ValueError(
+      f"kernel_layout must be one of {KERNEL_LAYOUTS}: 'flax' for (in, out) / HWIO kernels, "
+      f"'equinox' or 'torch' for (out, in) / OIHW weights; got {kernel_layout!r}."
+    )
+  if fan_in_axes is not None and not isinstance(fan_in_axes, Mapping) and not callable(fan_in_axes):
+    raise TypeError(
+      "fan_in_axes must be None, a mapping from weight or layer path to axes, or a callable "
+      f"(path, leaf) -> axes; got {type(fan_in_axes).__name__}."
+    )
+  if num_probes is None or mode != "probe":
+    return
+  if not isinstance(num_probes, int) or isinstance(num_probes, bool):
+    raise TypeError(
+      "num_probes sets the probes' shape and must be a Python int; under "
+      f"`optax.inject_hyperparams` list it in `static_args`. Got {type(num_probes).__name__}."
+    )
+  if num_probes < 1:
+    raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
+
+
+def _check_numbers(every_k_steps: Any, first_n_steps: Any, eps: Any) -> None:
+  if _tree.is_concrete_number(every_k_steps) and not every_k_steps >= 1:
+    raise ValueError(f"every_k_steps must be >= 1, got {every_k_steps!r}.")
+  if _tree.is_concrete_number(first_n_steps) and not first_n_steps >= 0:
+    raise ValueError(f"first_n_steps must be None or >= 0, got {first_n_steps!r}.")
+  if _tree.is_concrete_number(eps) and not eps >= 0:
+    raise ValueError(f"eps must be a non-negative number, got {eps!r}.")
+
+
+# ----------------------------------------------------------------------------- fan-in axes
+
+
+def _normalize_axes(axes: AxesSpec, ndim: int, name: str) -> tuple[int, ...]:
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  if not axes or any(_depths._as_index(a) is None or not -ndim <= a < ndim for a in axes):
+    raise ValueError(
+      f"fan_in_axes gave {axes!r} for the weight at {name!r} of rank {ndim}; give a non-empty "
+      f"tuple of axes in [-{ndim}, {ndim})."
+    )
+  axes = tuple(int(a) % ndim for a in axes)
+  if len(set(axes)) != len(axes):
+    raise ValueError(f"fan_in_axes gave repeated axes {axes!r} for the weight at {name!r}.")
+  return axes
+
+
+def _default_axes(kernel_layout: str, ndim: int) -> tuple[int, ...]:
+  """Flax: all axes but the last (Dense (in, out), conv HWIO); else all but the first."""
+  return tuple(range(ndim - 1)) if kernel_layout == "flax" else tuple(range(1, ndim))
+
+
+def _fan_in(spec: FanInAxes, kernel_layout: str, name: str, layer: str, leaf: Any):
+  """Fan-in axes of a weight matrix, or None for a leaf that is left alone."""
+  if not _tree.is_float_leaf(leaf) or leaf.ndim < 2:
+    return None
+  if isinstance(spec, Mapping):
+    axes = spec.get(name, spec.get(layer, ...))
+  elif spec is not None:
+    axes = spec(name, leaf)
+  else:
+    axes = ...
+  if axes is ...:
+    return _default_axes(kernel_layout, leaf.ndim)
+  return None if axes is None else _normalize_axes(axes, leaf.ndim, name)
+
+
+def _check_mapping_keys(spec: FanInAxes, names: list[tuple[str, str]]) -> None:
+  if not isinstance(spec, Mapping):
+    return
+  known = {n for pair in names for n in pair}
+  unknown = [k for k in spec if k not in known]
+  if unknown:
+    raise ValueError(
+      f"fan_in_axes names {unknown!r}, which are neither a leaf's path nor its layer's path "
+      f"here (paths look like {sorted(known)[:4]})."
+    )
+
+
+def as_matrix(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """`x` as a (fan_in, fan_out) matrix: the fan-in axes (in their order) first."""
+  rest = tuple(a for a in range(x.ndim) if a not in axes)
+  fan_in = math.prod(x.shape[a] for a in axes)
+  return jnp.transpose(x, axes + rest).reshape(fan_in, -1)
+
+
+# ----------------------------------------------------------------------------- scales
+
+
+def _rank_tol(m: jax.Array) -> float:
+  """The rank tolerance of `numpy.linalg.matrix_rank`, relative to the largest singular value."""
+  return max(m.shape) * float(jnp.finfo(m.dtype).eps)
+
+
+def _svd_log_scale(r: jax.Array, rtol: float) -> jax.Array:
+  """Mean log of the singular values above rtol sigma_max (-inf if there are none)."""
+  s = jnp.linalg.svd(r, compute_uv=False)
+  nonzero = s > jnp.max(s) * rtol
+  count = jnp.sum(nonzero).astype(r.dtype)
+  total = jnp.sum(jnp.where(nonzero, jnp.log(jnp.where(nonzero, s, 1)), 0))
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), -jnp.inf)
+
+
+@jax.jit  # one dispatch when called eagerly; inlined under an outer jit
+def determinant_scale(m: jax.Array) -> jax.Array:
+  """Geometric mean of the nonzero singular values of `m`, taken in log space.
+
+  "Nonzero" is numpy's `matrix_rank` convention: above max(m.shape) eps
+  sigma_max. A QR factorization of `m` in its tall orientation gives an r x r
+  factor R (r = min(m.shape)) with the singular values of `m`, and prod |diag
+  R| = prod sigma_i, so log c = mean(log |diag R|). It is backward stable on
+  `m` itself, unlike the Cholesky factor of the Gram matrix m^T m, which
+  squares the condition number (in float32 it fails near cond 1e4, which a
+  random square 1000 x 1000 Gaussian matrix exceeds). That route is taken
+  where ||R||_F ||R^-1||_F, an upper bound of the condition number, proves
+  every singular value nonzero; otherwise (rank-deficient, nearly so, or not
+  finite) the singular values of R decide (`lax.cond`: one branch runs).
+  Returns 0 for a zero matrix.
+  """
+  tall = m if m.shape[0] >= m.shape[1] else m.T
+  r = jnp.linalg.qr(tall, mode="r")
+  eye = jnp.eye(r.shape[0], dtype=r.dtype)
+  inverse = jax.scipy.linalg.solve_triangular(r, eye, lower=False)
+  rtol = _rank_tol(m)
+  full_rank = jnp.linalg.norm(r) * jnp.linalg.norm(inverse) * rtol < 1  # False for inf, NaN
+  diag = jnp.abs(jnp.diagonal(r))
+  qr_log = jnp.mean(jnp.log(jnp.where(full_rank, diag, 1)))
+  return jnp.exp(jax.lax.cond(full_rank, lambda: qr_log, lambda: _svd_log_scale(r, rtol)))
+
+
+@jax.jit
+def mean_scale(m: jax.Array, x: jax.Array) -> jax.Array:
+  """Mean over the rows x_b of `x` of ||m^T x_b|| / ||x_b|| (eq. 2-3).
+
+  Rows of norm zero carry no direction and are left out of the mean; if all
+  are zero the scale is 0 (so the matrix is left alone).
+  """
+  out_norms = jnp.linalg.norm(jnp.matmul(x, m, precision=_HIGHEST), axis=-1)
+  in_norms = jnp.linalg.norm(x, axis=-1)
+  ratios = _tree.safe_ratio(out_norms, in_norms, 0)
+  return jnp.sum(ratios) / jnp.maximum(jnp.sum(in_norms > 0), 1).astype(ratios.dtype)
+
+
+# ----------------------------------------------------------------------------- layer inputs
+
+
+def _flat_inputs(layer_inputs: Any) -> list[tuple[str, Any]]:
+  if layer_inputs is None:
+    raise ValueError(NO_INPUTS_MSG)
+  leaves = jax.tree_util.tree_flatten_with_path(layer_inputs)[0]
+  return [("/".join(_tree.path_parts(p)), x) for p, x in leaves]
+
+
+def _under(path: str, prefix: str) -> bool:
+  return path == prefix or path.startswith(prefix + "/")
+
+
+def _inputs_for(inputs: list, name: str, layer: str, fan_in: int, dtype: Any) -> jax.Array:
+  """All arrays at or under the weight's path, else its layer's, as (-1, fan_in) rows."""
+  found = [x for n, x in inputs if _under(n, name)] or [x for n, x in inputs if _under(n, layer)]
+  if not found:
+    raise ValueError(
+      f"scale_normalize(mode='data') has no inputs for the weight at {name!r}: put its "
+      f"layer's inputs, shape (..., {fan_in}), at {layer!r} or {name!r} in `layer_inputs` "
+      f"(it has {[n for n, _ in inputs][:6]})."
+    )
+  for x in found:
+    if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != fan_in:
+      raise ValueError(
+        f"layer inputs for the weight at {name!r} have shape {jnp.shape(x)}, but the weight "
+        f"has fan_in {fan_in}: the last axis must hold the fan-in (conv kernels: patches "
+        "flattened in the order of the fan-in axes); if the fan-in axes are wrong, set "
+        "`kernel_layout` or `fan_in_axes`."
+      )
+  return jnp.concatenate([jnp.reshape(x, (-1, fan_in)).astype(dtype) for x in found])
+
+
+# ----------------------------------------------------------------------------- the transform
+
+
+def _active(count: jax.Array, every_k_steps: Any, first_n_steps: Any) -> jax.Array | None:
+  """Whether this step normalizes (None: every step, known statically)."""
+  each_step = _tree.is_concrete_number(every_k_steps) and every_k_steps == 1
+  if each_step and first_n_steps is None:
+    return None
+  active = jnp.asarray(True)
+  if not each_step:
+    active &= count % jnp.asarray(every_k_steps).astype(count.dtype) == 0
+  if first_n_steps is not None:
+    active &= count < jnp.asarray(first_n_steps).astype(count.dtype)
+  return active
+
+
+def _rescaled_update(u: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
+  """``(w + u) s - w`` written as ``s u + (s - 1) w``: exactly ``u`` when s = 1."""
+  dtype = _tree.acc_dtype(u.dtype, w.dtype)
+  s = s.astype(dtype)
+  return (s * u.astype(dtype) + (s - 1) * w.astype(dtype)).astype(u.dtype)
+
+
+def _path_key(key: jax.Array, name: str) -> jax.Array:
+  """A key for one weight, from its path: the same under `masked`, NNX and pure trees."""
+  return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _init_key(key: Any) -> jax.Array:
+  """uint32 key data from a seed, a typed key or raw key data (`jax.random.PRNGKey`)."""
+  if hasattr(key, "dtype") and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(key)
+  key = jnp.asarray(key)
+  if key.ndim == 0:
+    return jax.random.key_data(jax.random.key(key))
+  return key.astype(jnp.uint32)
+
+
+def scale_normalize(
+  mode: str,
+  *,
+  kernel_layout: str = "flax",
+  fan_in_axes: FanInAxes = None,
+  num_probes: int | None = None,
+  every_k_steps: int | jax.Array = 1,
+  first_n_steps: int | jax.Array | None = None,
+  eps: float | jax.Array = 1e-8,
+  key: jax.Array | int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Rescales each new weight matrix to scale 1: scale or determinant normalization.
+
+  .. math::
+
+    W^* = W + u, \qquad u \leftarrow \frac{W^*}{c} - W
+    \quad\text{so that}\quad W + u = \frac{W^*}{c} \quad (1, 3)
+
+    c_\text{data} = \frac{1}{B} \sum_{b=1}^{B} \frac{\|W^{*T} x_b\|_2}{\|x_b\|_2} \ (2, 3),
+    \qquad
+    c_\text{det} = \Big(\prod_{i=1}^{k} \sigma_i(W^*)\Big)^{1/k} \ (1)
+
+  where ``u`` is the optimizer's update, ``W^*`` is read as a (fan_in, fan_out)
+  matrix and ``sigma_1..k`` are its nonzero singular values. Place it *after*
+  the optimizer: ``optax.chain(optax.sgd(lr), odn.scale_normalize("probe"))``.
+
+  Modes:
+
+  - ``"data"``: ``x_b`` are the layer's inputs from the forward pass, passed as
+    ``update(updates, state, params, layer_inputs=...)`` (eq. 2-3). After it,
+    the mean scale over that batch is 1.
+  - ``"probe"``: the same mean over ``num_probes`` Gaussian vectors ``x_b``
+    drawn afresh each step (a PRNG key in the state): no model change. The
+    mean is over directions uniform on the sphere, E ||W^T x|| / ||x||.
+  - ``"determinant"``: ``c`` is the geometric mean of the singular values, so
+    the pseudo-determinant (their product) becomes 1. Eq. (1) literally divides
+    by det(W*) itself, which gives pdet(W*)^(1 - k): 1 only for k = 1; dividing
+    by pdet^(1/k) is what sets it to 1, and is the paper's own "sets the
+    geometric mean of the scales to one". It is taken in log space, so it does
+    not underflow where the product of many singular values below 1 does (the
+    failure sec. 3.2 reports), from a QR factorization instead of an SVD:
+    ``prod |diag R| = prod sigma_i``, about 2 fan_in fan_out r + r^3 / 3
+    flops (r = min(fan_in, fan_out); QR and a triangular inverse that bounds
+    the condition number), backward stable on W* itself (the Gram matrix's
+    Cholesky would be cheaper but squares the condition number and fails in
+    float32 near cond 1e4). Only where that bound cannot rule out singular
+    values below numpy's rank tolerance (max(fan_in, fan_out) eps sigma_max)
+    does an SVD of the r x r factor run; the pseudo-determinant is then the
+    product of the singular values above the tolerance.
+
+  Weight matrices are the floating leaves of rank >= 2; biases, norm scales
+  and non-float leaves pass through (restrict further with ``fan_in_axes`` or
+  `optax.masked`). With ``kernel_layout="flax"`` the fan-in is every axis but
+  the last (Dense ``(in, out)``, conv HWIO as ``(H W I, O)``); with
+  ``"equinox"`` or ``"torch"`` every axis but the first (``(out, in)``, OIHW as
+  ``(I H W, O)``). The data mode wants the inputs in that fan-in order: for a
+  conv, patches (``jax.lax.conv_general_dilated_patches`` gives channels
+  first, ``(I, H, W)``: with a Flax HWIO kernel pass ``fan_in_axes={"Conv_0":
+  (2, 0, 1)}`` for the matching matrix). A layer's inputs may have any leading
+  axes; they are found in ``layer_inputs`` at the weight's path or else at its
+  layer's path (``Dense_0/kernel``, else ``Dense_0``), every array at or under
+  that path (as `sow` stores them, a tuple per call) taken together. A Flax
+  linen model hands them over unchanged through a method interceptor that
+  sows each Dense layer's input (the whole train step is in docs/methods.md
+  and runs in the tests)::
+
+    def sow_inputs(next_fun, args, kwargs, context):
+      if context.method_name == "__call__" and isinstance(context.module, nn.Dense):
+        context.module.sow("layer_inputs", "inputs", args[0])
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(sow_inputs):  # inside the loss; return cols as aux
+      logits, cols = model.apply({"params": params}, x, mutable=["layer_inputs"])
+    updates, state = tx.update(grads, state, params, layer_inputs=cols["layer_inputs"])
+
+  A scale ``c <= eps`` (a zero matrix) leaves the update as it is; a NaN
+  shows. Scales are computed in float32 (float64 for float64 leaves) and the
+  updates keep their dtypes. Skipped steps (``every_k_steps``,
+  ``first_n_steps``) return the updates unchanged and skip the computation
+  (`lax.cond`), so nothing recompiles.
+
+  The optimizer's own state (momentum, Adam's moments) is *not* rescaled with
+  the weights: after a normalization it still holds updates of the scale
+  before it. Training works with it (tested with ``sgd(lr, momentum=0.9)``);
+  the paper used plain SGD.
+
+  Args:
+    mode: ``"data"``, ``"probe"`` or ``"determinant"``.
+    kernel_layout: ``"flax"`` (default; also Flax NNX) or ``"equinox"`` /
+      ``"torch"``: which axes are the fan-in, as above.
+    fan_in_axes: overrides the layout: a mapping from a weight's path or its
+      layer's path (``"Dense_0/kernel"``, ``"Dense_0"``) to its fan-in axes (an
+      int or a tuple, in the order the inputs' last axis is flattened; None to
+      leave that weight alone), or a callable ``(path, leaf) -> axes | None |
+      ...`` (``...`` for the layout's default). Under
+      `optax.inject_hyperparams` list a callable in ``static_args``.
+    num_probes: probes per weight and step in mode ``"probe"``: a Python int
+      (None: 16). It sets a shape, so under `optax.inject_hyperparams` (which
+      turns every number it is given into an array) list it in
+      ``static_args``.
+    every_k_steps: normalize only at steps 0, k, 2k, ...
+    first_n_steps: normalize only during the first N steps (the paper finds
+      the benefit early in training); None for always.
+    eps: scales at or below eps are treated as 1 (the weight is left alone).
+    key: seed (int) or PRNG key for the probes.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`; its state counts steps and
+    holds the probes' key. ``update`` needs ``params`` (and ``layer_inputs`` in
+    mode ``"data"``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> import optax
+    >>> import optax_depthnorm as odn
+    >>> params = {"Dense_0": {"kernel": jnp.diag(jnp.array([8.0, 0.5])), "bias": jnp.ones(2)}}
+    >>> grads = jax.tree.map(jnp.zeros_like, params)
+    >>> tx = optax.chain(optax.sgd(0.1), odn.scale_normalize("determinant"))
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> new = optax.apply_updates(params, updates)  # diag(8, 0.5) / 2: det 1
+    >>> print(np.round(new["Dense_0"]["kernel"], 4), new["Dense_0"]["bias"])
+    [[4.   0.  ]
+     [0.   0.25]] [1. 1.]
+
+    Data mode, with the layer's inputs (any leading axes, last axis fan_in):
+
+    >>> tx = odn.scale_normalize("data")
+    >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0]])  # ||W^T x|| / ||x||: 8 and 0.5
+    >>> updates, _ = tx.update(grads, tx.init(params), params, layer_inputs={"Dense_0": x})
+    >>> print(np.round(optax.apply_updates(params, updates)["Dense_0"]["kernel"], 4))
+    [[1.8824 0.    ]
+     [0.     0.1176]]
+
+  References:
+    Lo, Amaral & Ding, "Scale Normalization", 2016 (seed 004), sec. 2-3,
+    eq. (1)-(3). https://arxiv.org/abs/1604.07796
+  """
+  _check_args(mode, kernel_layout, fan_in_axes, num_probes)
+  _check_numbers(every_k_steps, first_n_steps, eps)
+  num_probes = _DEFAULT_PROBES if num_probes is None else num_probes
+
+  def init_fn(params: Any) -> ScaleNormalizeState:
+    del params
+    return ScaleNormalizeState(count=jnp.zeros([], jnp.int32), key=_init_key(key))
+
+  def weights(updates: Any, params: Any) -> list[tuple[int, str, str, tuple[int, ...], Any]]:
+    """(leaf index, path, layer path, fan-in axes, param) of each weight matrix."""
+    by_name = {"/".join(_tree.path_parts(p)): x for p, x in _tree.flatten(params)[0]}
+    names, out = [], []
+    for i, (path, u) in enumerate(_tree.flatten(updates)[0]):
+      name, layer = "/".join(_tree.path_parts(path)), "/".join(_depths._layer_key(path))
+      names.append((name, layer))
+      axes = _fan_in(fan_in_axes, kernel_layout, name, layer, u)
+      if axes is None:
+        continue
+      w = by_name.get(name)
+      if getattr(w, "shape", None) != u.shape:
+        raise ValueError(
+          f"params at {name!r} is {getattr(w, 'shape', w)!r} but its update has shape "
+          f"{u.shape}: pass the params the updates are for."
+        )
+      out.append((i, name, layer, axes, w))
+    _check_mapping_keys(fan_in_axes, names)
+    return out
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(NO_PARAMS_MSG)
+    leaves, treedef = _tree.flatten(updates)
+    leaves = [x for _, x in leaves]
+    found = weights(updates, params)
+    inputs = _flat_inputs(extra_args.get("layer_inputs")) if mode == "data" else None
+    new_key = state.key
+    if mode == "probe":
+      new_key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
+      new_key = jax.random.key_data(new_key)
+    mats, xs = [], []
+    for i, name, layer, axes, w in found:
+      dtype = _tree.acc_dtype(leaves[i].dtype, w.dtype)
+      mats.append(as_matrix(w.astype(dtype) + leaves[i].astype(dtype), axes))  # W*
+      fan_in = mats[-1].shape[0]
+      if mode == "data":
+        xs.append(_inputs_for(inputs, name, layer, fan_in, dtype))
+      elif mode == "probe":
+        xs.append(jax.random.normal(_path_key(step_key, name), (num_probes, fan_in), dtype))
+
+    def scales() -> list[jax.Array]:
+      if mode == "determinant":
+        return [determinant_scale(m) for m in mats]
+      return [mean_scale(m, x) for m, x in zip(mats, xs)]
+
+    active = _active(state.count, every_k_steps, first_n_steps)
+    if active is None:
+      cs = scales()
+    else:
+      cs = jax.lax.cond(active, scales, lambda: [jnp.ones([], m.dtype) for m in mats])
+    for (i, _, _, _, w), c in zip(found, cs):
+      keep = c <= jnp.asarray(eps).astype(c.dtype)
+      leaves[i] = _rescaled_update(leaves[i], w, jnp.where(keep, 1, 1 / jnp.where(keep, 1, c)))
+    new_state = ScaleNormalizeState(count=optax.safe_increment(state.count), key=new_key)
+    return jax.tree_util.tree_unflatten(treedef, leaves), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
