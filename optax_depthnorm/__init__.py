@@ -3,7 +3,13 @@
 from optax_depthnorm import nnx
 from optax_depthnorm._bgn import BGN, bgn, with_bgn
 from optax_depthnorm._decay import DepthDecayState, depth_decay, depth_normalized
-from optax_depthnorm._depths import DepthOrderWarning, depth_table, layer_depths
+from optax_depthnorm._depths import (
+  NOT_A_LAYER,
+  DepthOrderWarning,
+  StackedDepth,
+  depth_table,
+  layer_depths,
+)
 from optax_depthnorm._flow import (
   Flag,
   FlowReport,
@@ -15,6 +21,7 @@ from optax_depthnorm._flow import (
   gradient_flow,
   track_gradient_flow,
 )
+from optax_depthnorm._infer import UnusedParamWarning, infer_depths
 from optax_depthnorm._normalize import layerwise_normalize
 from optax_depthnorm._plot import plot_flow_heatmap, plot_gradient_flow
 from optax_depthnorm._scale import ScaleNormalizeState, scale_normalize
@@ -23,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = (
   "BGN",
+  "NOT_A_LAYER",
   "DepthDecayState",
   "DepthOrderWarning",
   "Flag",
@@ -30,6 +38,8 @@ __all__ = (
   "FlowStats",
   "GradientFlowState",
   "ScaleNormalizeState",
+  "StackedDepth",
+  "UnusedParamWarning",
   "activation_gradient_norms",
   "bgn",
   "depth_decay",
@@ -38,6 +48,7 @@ __all__ = (
   "diagnose",
   "flow_from_state",
   "gradient_flow",
+  "infer_depths",
   "layer_depths",
   "layerwise_normalize",
   "nnx",

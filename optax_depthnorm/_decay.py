@@ -16,7 +16,21 @@ DECAYS = ("linear", "exponential")
 
 
 class DepthDecayState(NamedTuple):
-  """State of `depth_decay`: the step count that drives a gamma schedule."""
+  """State of `depth_decay`: the step count that drives a gamma schedule.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_depthnorm as odn
+    >>> params = {"Dense_0": {"kernel": jnp.ones(2)}, "Dense_1": {"kernel": jnp.ones(2)}}
+    >>> tx = odn.depth_decay(optax.linear_schedule(0.0, 0.5, 10))  # gamma by step count
+    >>> state = tx.init(params)
+    >>> state
+    DepthDecayState(count=Array(0, dtype=int32))
+    >>> _, state = tx.update(params, state)
+    >>> int(state.count)
+    1
+  """
 
   count: jax.Array  # int32 scalar
 
@@ -48,9 +62,9 @@ def _check_args(gamma: Any, decay: Decay) -> None:
     raise ValueError(f"gamma must be in [0, 1] for decay='linear' ((1 - gamma)^d), got {gamma!r}.")
 
 
-def _effective_depths(labels: list[int], normalize_depth: bool) -> dict[int, float]:
+def _effective_depths(labels: list[_depths.Depth], normalize_depth: bool) -> dict[int, float]:
   """Depth d (or d / max depth) for each distinct layer depth."""
-  distinct = sorted({d for d in labels if d != _depths.NOT_A_LAYER})
+  distinct = sorted({d for label in labels for d in _depths.valid_depths(label)})
   deepest = max(distinct, default=0)
   scale = 1.0 / deepest if normalize_depth and deepest > 0 else 1.0
   return {d: d * scale for d in distinct}
@@ -63,6 +77,7 @@ def depth_decay(
   depths: Any = None,
   reverse: bool = False,
   normalize_depth: bool = False,
+  stack_axis: _depths.StackAxis = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Multiplies each layer's update by a factor that decays with its depth.
 
@@ -97,9 +112,15 @@ def depth_decay(
       depths of all layers at once). Under `optax.inject_hyperparams` list a
       callable in ``static_args=("decay",)``, or it is taken for a schedule.
     depths: ``None`` (labels from the updates' paths at trace time, see
-      `layer_depths`), a rule for `layer_depths`, or a precomputed pytree.
+      `layer_depths`), a rule for `layer_depths`, or a precomputed pytree
+      (from `layer_depths` or `infer_depths`). A `StackedDepth` leaf gets one
+      factor per slice, broadcast along its stack axis; a leaf labelled -1
+      (not a layer, or unused in `infer_depths`) is left alone.
     reverse: count depth from the output layer.
     normalize_depth: use ``d / max depth`` (in [0, 1]) instead of ``d``.
+    stack_axis: leaves that hold several layers along one axis, see
+      `layer_depths`. Under `optax.inject_hyperparams` list a callable in
+      ``static_args``.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; its state counts steps.
@@ -134,6 +155,7 @@ def depth_decay(
     https://arxiv.org/abs/2003.10555
   """
   _check_args(gamma, decay)
+  _depths._check_stack_axis_type(stack_axis)
   decay_fn = _DECAY_FNS[decay] if isinstance(decay, str) else decay
   depth_spec = depths
 
@@ -143,20 +165,26 @@ def depth_decay(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    labels = _depths.depths_by_path(updates, depth_spec)
+    labels = _depths.leaf_depths(updates, depth_spec, stack_axis)
     if reverse:
-      deepest = max(labels, default=0)
-      labels = [deepest - d if d != _depths.NOT_A_LAYER else d for d in labels]
+      labels = _depths.reverse_labels(labels)
     effective = _effective_depths(labels, normalize_depth)
     g = gamma(state.count) if callable(gamma) else gamma
     d = jnp.asarray(list(effective.values()), jnp.float32)
     factors = decay_fn(jnp.asarray(g).astype(jnp.float32), d)
     position = {depth: i for i, depth in enumerate(effective)}
+    position[_depths.NOT_A_LAYER] = -1
+
+    def scaled(x: Any, label: _depths.Depth) -> Any:
+      if not _tree.is_float_leaf(x) or label == _depths.NOT_A_LAYER:
+        return x
+      if isinstance(label, _depths.StackedDepth):
+        f = _tree.block_values(factors, [position[k] for k in label.depths])
+        return _tree.scale_leaf(x, _tree.along(f, label.axis, x.ndim))
+      return _tree.scale_leaf(x, factors[position[label]])
+
     leaves, treedef = _tree.flatten(updates)
-    out = [
-      _tree.scale_leaf(x, factors[position[label]]) if _tree.is_float_leaf(x) else x
-      for (_, x), label in zip(leaves, labels)
-    ]
+    out = [scaled(x, label) for (_, x), label in zip(leaves, labels)]
     new_state = DepthDecayState(count=optax.safe_increment(state.count))
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
@@ -174,6 +202,7 @@ def depth_normalized(
   depths: Any = None,
   reverse: bool = False,
   normalize_depth: bool = False,
+  stack_axis: _depths.StackAxis = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Seed 000's whole rule: normalize each block, then decay it with depth.
 
@@ -196,6 +225,7 @@ def depth_normalized(
     depths: layer labels shared by both steps, see `layer_depths`.
     reverse: count depth from the output, see `depth_decay`.
     normalize_depth: use d / max depth, see `depth_decay`.
+    stack_axis: leaves that stack layers, see `layer_depths`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` (an `optax.chain`).
@@ -215,8 +245,15 @@ def depth_normalized(
     learning" (seed 000), eq. (1)-(3).
   """
   return optax.chain(
-    _normalize.layerwise_normalize(target=target, norm=norm, eps=eps, group=group, depths=depths),
+    _normalize.layerwise_normalize(
+      target=target, norm=norm, eps=eps, group=group, depths=depths, stack_axis=stack_axis
+    ),
     depth_decay(
-      gamma, decay=decay, depths=depths, reverse=reverse, normalize_depth=normalize_depth
+      gamma,
+      decay=decay,
+      depths=depths,
+      reverse=reverse,
+      normalize_depth=normalize_depth,
+      stack_axis=stack_axis,
     ),
   )

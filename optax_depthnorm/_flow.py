@@ -73,6 +73,21 @@ class FlowReport:
     ratio: ``norm / param_norm``: the update/weight ratio when the report is
       taken of the updates (``None`` without params).
     step: the training step each row was taken at (from the tracker), or None.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_depthnorm as odn
+    >>> grads = {f"Dense_{i}": {"kernel": jnp.full(4, 10.0 ** (3 * i - 6))} for i in range(3)}
+    >>> report = odn.gradient_flow(grads)
+    >>> report.paths, report.depths, report.sizes
+    (('Dense_0', 'Dense_1', 'Dense_2'), (0, 1, 2), (4, 4, 4))
+    >>> print(report.norm)
+    [2.e-06 2.e-03 2.e+00]
+    >>> print(report)
+    depth  path     size  norm       mean|g|    max|g|     rms
+    0      Dense_0  4     2.000e-06  1.000e-06  1.000e-06  1.000e-06
+    1      Dense_1  4     2.000e-03  1.000e-03  1.000e-03  1.000e-03
+    2      Dense_2  4     2.000e+00  1.000e+00  1.000e+00  1.000e+00
   """
 
   paths: tuple[str, ...]
@@ -140,33 +155,93 @@ jax.tree_util.register_dataclass(
 
 
 class _Layers(NamedTuple):
-  """Depth groups of a flattened tree: distinct depths, leaf indices, names."""
+  """Depth groups of a flattened tree: distinct depths, leaf indices, names.
+
+  ``stacked`` holds the leaves with per-slice depths (`StackedDepth`), as
+  ``(leaf index, stack axis, layer position of each slice or -1)``; their
+  slices are not in ``members``.
+  """
 
   depths: tuple[int, ...]
   members: tuple[tuple[int, ...], ...]
   paths: tuple[str, ...]
+  stacked: tuple[tuple[int, int, np.ndarray], ...] = ()
 
 
-def _layer_name(paths: list[tuple[Any, ...]]) -> str:
-  keys = list(dict.fromkeys(_depths._layer_key(p) for p in paths))
-  names = ["/".join(k) or "<root>" for k in keys]
+def _layer_name(names: list[str]) -> str:
+  names = list(dict.fromkeys(names))
   return "+".join(names) if len(names) <= 3 else f"{names[0]}+{len(names) - 1} more"
 
 
-def _layers(tree: Any, depths: Any) -> _Layers:
+def _layers(tree: Any, depths: Any, stack_axis: Any = None) -> _Layers:
   """Groups the parameter leaves of `tree` by depth, ordered by depth.
 
   Reads paths and leaf types only (works on `jax.ShapeDtypeStruct`s); a masked
   leaf (`optax.MaskedNode`) keeps its place, so the layers never depend on a mask.
   """
   flat = _tree.flatten(tree)[0]
+  labels = _depths.leaf_depths(tree, depths, stack_axis)
   groups: dict[int, list[int]] = defaultdict(list)
-  for i, label in enumerate(_depths.depths_by_path(tree, depths)):
-    if label != _depths.NOT_A_LAYER:
+  names: dict[int, list[str]] = defaultdict(list)
+  for i, label in enumerate(labels):
+    key = "/".join(_depths._layer_key(flat[i][0])) or "<root>"
+    if isinstance(label, _depths.StackedDepth):
+      for k, d in enumerate(label.depths):
+        if d != _depths.NOT_A_LAYER:
+          names[d].append(f"{key}[{k}]")
+    elif label != _depths.NOT_A_LAYER:
       groups[label].append(i)
-  order = tuple(sorted(groups))
-  names = tuple(_layer_name([flat[i][0] for i in groups[d]]) for d in order)
-  return _Layers(order, tuple(tuple(groups[d]) for d in order), names)
+      names[label].append(key)
+  order = tuple(sorted(names))
+  position = {d: j for j, d in enumerate(order)}
+  stacked = tuple(
+    (i, label.axis, np.asarray([position.get(d, -1) for d in label.depths]))
+    for i, label in enumerate(labels)
+    if isinstance(label, _depths.StackedDepth)
+  )
+  return _Layers(
+    order,
+    tuple(tuple(groups[d]) for d in order),
+    tuple(_layer_name(names[d]) for d in order),
+    stacked,
+  )
+
+
+def _pieces(leaves: list[Any], layers: _Layers) -> list[_tree.Piece]:
+  """The float leaves of every layer (whole leaves and stacked slices) as segment pieces."""
+  pieces = [
+    (leaves[i], None, j)
+    for j, members in enumerate(layers.members)
+    for i in members
+    if _tree.is_float_leaf(leaves[i])
+  ]
+  pieces += [(leaves[i], a, ids) for i, a, ids in layers.stacked if _tree.is_float_leaf(leaves[i])]
+  return pieces
+
+
+def _layer_sizes(leaves: list[Any], layers: _Layers) -> tuple[int, ...]:
+  """Number of float elements of each layer (static, from shapes)."""
+  sizes = _tree.segment_sizes(_pieces(leaves, layers), len(layers.depths))
+  return tuple(int(n) for n in sizes)
+
+
+def _segment_stats(pieces: list[_tree.Piece], n: int, dtype: Any) -> list[jax.Array]:
+  """`_block_stats` of `n` layers made of whole leaves and stacked slices, vectorized."""
+  top = _tree.segment_reduce(pieces, n, "max", dtype)
+  scale = jnp.where(top > 0, top, 1)
+  scaled = [
+    (
+      x.astype(dtype)
+      / _tree.along(_tree.block_values(scale, ids) if a is not None else scale[ids], a, x.ndim),
+      a,
+      ids,
+    )
+    for x, a, ids in pieces
+  ]
+  norm = jnp.sqrt(_tree.segment_reduce(scaled, n, "sumsq", dtype)) * scale
+  size = np.maximum(_tree.segment_sizes(pieces, n), 1).astype(np.float64)
+  mean_abs = _tree.segment_reduce(pieces, n, "sumabs", dtype) / size.astype(dtype)
+  return [norm, mean_abs, top, norm / np.sqrt(size).astype(dtype)]
 
 
 def _float_dtype(leaves: Sequence[Any]) -> Any:
@@ -211,23 +286,31 @@ def _ratio(norm: jax.Array, param_norm: jax.Array) -> jax.Array:
 def _param_norms(params: Any, layers: _Layers, flat: list, dtype: Any) -> jax.Array:
   """Norm of each layer's parameters, matched to the gradient's leaves by path."""
   lookup = {"/".join(_tree.path_parts(p)): x for p, x in _tree.flatten(params)[0]}
+
+  def param(i: int) -> Any:
+    name = "/".join(_tree.path_parts(flat[i][0]))
+    if name not in lookup:
+      raise ValueError(
+        f"params has no leaf at {name!r}, where the gradient has one; pass params "
+        "with the same paths as the gradients."
+      )
+    return lookup[name]
+
+  if layers.stacked:
+    used = {i for m in layers.members for i in m} | {i for i, _, _ in layers.stacked}
+    leaves = {i: param(i) for i in used}
+    pieces = _pieces([leaves.get(i) for i in range(len(flat))], layers)
+    return _segment_stats(pieces, len(layers.depths), dtype)[0]
   norms = []
   for members in layers.members:
-    block = []
-    for i in members:
-      name = "/".join(_tree.path_parts(flat[i][0]))
-      if name not in lookup:
-        raise ValueError(
-          f"params has no leaf at {name!r}, where the gradient has one; pass params "
-          "with the same paths as the gradients."
-        )
-      if _tree.is_float_leaf(lookup[name]):
-        block.append(lookup[name])
+    block = [x for x in map(param, members) if _tree.is_float_leaf(x)]
     norms.append(_block_stats(block, dtype)[0])
   return _stack(norms, dtype)
 
 
-def gradient_flow(grads: Any, params: Any = None, depths: Any = None) -> FlowReport:
+def gradient_flow(
+  grads: Any, params: Any = None, depths: Any = None, *, stack_axis: Any = None
+) -> FlowReport:
   r"""Per-layer statistics of a gradient (or update) pytree, ordered by depth.
 
   For each layer ``l`` (the leaves of one depth, e.g. a Dense kernel and bias)
@@ -254,8 +337,11 @@ def gradient_flow(grads: Any, params: Any = None, depths: Any = None) -> FlowRep
     grads: a gradient or update pytree (linen, NNX, Equinox, dicts).
     params: optional parameters with the same paths, for the weight norms.
     depths: what defines the layers: ``None`` (labels from the paths, see
-      `layer_depths`), a rule, or a pytree from `layer_depths`. Under `jit`
-      close over it (depths are static).
+      `layer_depths`), a rule, or a pytree from `layer_depths` or
+      `infer_depths`. Under `jit` close over it (depths are static). Each
+      slice of a `StackedDepth` leaf is a layer of its own (named
+      ``path[i]``), reduced in one vectorized pass.
+    stack_axis: leaves that stack layers, see `layer_depths`.
 
   Returns:
     A `FlowReport`: one entry per layer, ordered by depth; print it for a table.
@@ -276,15 +362,21 @@ def gradient_flow(grads: Any, params: Any = None, depths: Any = None) -> FlowRep
     Normalization in Deep Neural Networks", 2021 (seed 003), sec. 3.
   """
   flat = _tree.flatten(grads)[0]
-  layers = _layers(grads, depths)
+  layers = _layers(grads, depths, stack_axis)
   dtype = _float_dtype([x for _, x in flat])
-  blocks = [[flat[i][1] for i in m if _tree.is_float_leaf(flat[i][1])] for m in layers.members]
-  norm, mean_abs, max_abs, rms = _layer_stats(blocks, dtype)
+  if layers.stacked:
+    leaves = [x for _, x in flat]
+    pieces = _pieces(leaves, layers)
+    norm, mean_abs, max_abs, rms = _segment_stats(pieces, len(layers.depths), dtype)
+    sizes = _layer_sizes(leaves, layers)
+  else:
+    blocks = [[flat[i][1] for i in m if _tree.is_float_leaf(flat[i][1])] for m in layers.members]
+    norm, mean_abs, max_abs, rms = _layer_stats(blocks, dtype)
+    sizes = tuple(sum(x.size for x in b) for b in blocks)
   param_norm = ratio = None
   if params is not None:
     param_norm = _param_norms(params, layers, flat, dtype)
     ratio = _ratio(norm, param_norm)
-  sizes = tuple(sum(x.size for x in b) for b in blocks)
   return FlowReport(
     layers.paths, layers.depths, sizes, "gradient", norm, mean_abs, max_abs, rms, param_norm, ratio
   )
@@ -294,7 +386,20 @@ def gradient_flow(grads: Any, params: Any = None, depths: Any = None) -> FlowRep
 
 
 class FlowStats(NamedTuple):
-  """Per-layer statistics as arrays (last axis: layers), as `FlowReport` names them."""
+  """Per-layer statistics as arrays (last axis: layers), as `FlowReport` names them.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_depthnorm as odn
+    >>> params = {"Dense_0": {"kernel": jnp.ones(2)}, "Dense_1": {"kernel": jnp.ones(2)}}
+    >>> tx = odn.track_gradient_flow(history=4)
+    >>> _, state = tx.update(params, tx.init(params), params)
+    >>> stats = state.flow  # a FlowStats
+    >>> stats._fields
+    ('norm', 'mean_abs', 'max_abs', 'rms', 'param_norm', 'ratio')
+    >>> print(stats.norm, stats.ratio)
+    [1.4142135 1.4142135] [1. 1.]
+  """
 
   norm: jax.Array
   mean_abs: jax.Array
@@ -309,6 +414,18 @@ class GradientFlowState(NamedTuple):
 
   ``optax.tree.get(state, "flow")`` finds the latest statistics in any optax
   state; step ``t`` (0-based) is row ``t % history`` of ``flow_history``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_depthnorm as odn
+    >>> params = {"Dense_0": {"kernel": jnp.ones(2)}, "Dense_1": {"kernel": jnp.ones(2)}}
+    >>> state = odn.track_gradient_flow(history=4).init(params)
+    >>> int(state.count), state.flow.norm.shape, state.flow_history.norm.shape
+    (0, (2,), (4, 2))
+    >>> opt = optax.chain(odn.track_gradient_flow(), optax.sgd(0.1))
+    >>> optax.tree.get(opt.init(params), "flow").norm.shape
+    (2,)
   """
 
   count: jax.Array  # int32 scalar: steps seen
@@ -325,7 +442,7 @@ def _check_history(history: Any) -> None:
 
 
 def track_gradient_flow(
-  *, history: int = 16, depths: Any = None
+  *, history: int = 16, depths: Any = None, stack_axis: Any = None
 ) -> optax.GradientTransformationExtraArgs:
   r"""Passes updates through unchanged and keeps their per-layer statistics in state.
 
@@ -353,6 +470,7 @@ def track_gradient_flow(
     history: how many past steps to keep (a small fixed number; a static int:
       under `optax.inject_hyperparams` list it in `static_args`).
     depths: what defines the layers, see `gradient_flow`.
+    stack_axis: leaves that stack layers, see `layer_depths`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -377,16 +495,17 @@ def track_gradient_flow(
     ``optax.snapshot`` / ``optax.monitor`` store measurements in state likewise.
   """
   _check_history(history)
+  _depths._check_stack_axis_type(stack_axis)
 
   def init_fn(params: Any) -> GradientFlowState:
-    n = len(_layers(params, depths).depths)
+    n = len(_layers(params, depths, stack_axis).depths)
     dtype = _float_dtype(jax.tree.leaves(params))
     zeros = lambda *shape: FlowStats(*(jnp.zeros(shape, dtype) for _ in FlowStats._fields))
     return GradientFlowState(jnp.zeros([], jnp.int32), zeros(n), zeros(history, n))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    report = gradient_flow(updates, params, depths)
+    report = gradient_flow(updates, params, depths, stack_axis=stack_axis)
     n, dtype = state.flow.norm.shape[-1], state.flow.norm.dtype
     if len(report.depths) != n:
       raise ValueError(LAYER_MISMATCH_MSG.format(expected=n, got=len(report.depths)))
@@ -429,6 +548,7 @@ def flow_from_state(
   params: Any = None,
   *,
   depths: Any = None,
+  stack_axis: Any = None,
   history: bool = False,
   index: int | None = None,
 ) -> FlowReport:
@@ -444,6 +564,7 @@ def flow_from_state(
       with (values unused), to name the layers; without it layers are named
       ``layer_0, layer_1, ...`` and their sizes are unknown (-1).
     depths: the `depths` the tracker was built with.
+    stack_axis: the `stack_axis` the tracker was built with.
     history: ``False``: the latest step (works inside `jit`); ``True``: the
       recorded steps, oldest first, each array of shape ``(steps, n_layers)``
       (needs concrete values: call it outside `jit`).
@@ -472,15 +593,11 @@ def flow_from_state(
   if params is None:
     paths, depth_labels, sizes = tuple(f"layer_{i}" for i in range(n)), tuple(range(n)), (-1,) * n
   else:
-    layers = _layers(params, depths)
+    layers = _layers(params, depths, stack_axis)
     if len(layers.depths) != n:
       raise ValueError(LAYER_MISMATCH_MSG.format(expected=n, got=len(layers.depths)))
-    flat = _tree.flatten(params)[0]
     paths, depth_labels = layers.paths, layers.depths
-    sizes = tuple(
-      sum(math.prod(flat[i][1].shape) for i in m if _tree.is_float_leaf(flat[i][1]))
-      for m in layers.members
-    )
+    sizes = _layer_sizes([x for _, x in _tree.flatten(params)[0]], layers)
   if not history:
     stats, step = state.flow, state.count - 1
   else:
@@ -497,7 +614,18 @@ def flow_from_state(
 
 
 class Flag(NamedTuple):
-  """One problem `diagnose` found: what, where, and why (one line)."""
+  """One problem `diagnose` found: what, where, and why (one line).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_depthnorm as odn
+    >>> grads = {f"Dense_{i}": {"kernel": jnp.full(4, 10.0 ** (3 * i - 6))} for i in range(3)}
+    >>> flag = odn.diagnose(odn.gradient_flow(grads))[0]
+    >>> flag.kind, flag.depth, flag.path
+    ('vanishing', 0, 'Dense_0')
+    >>> print(flag)  # doctest: +ELLIPSIS
+    vanishing at depth 0 (Dense_0): rms 1.00e-06 is 1.0e-06 x the largest above it ...
+  """
 
   kind: str  # one of KINDS
   depth: int

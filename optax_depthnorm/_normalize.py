@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any, Union
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_depthnorm import _depths, _tree
@@ -35,12 +37,20 @@ def _check_args(target: Target, norm: str, eps: Any, group: str) -> None:
     raise ValueError(f"eps must be a positive number, got {eps!r}.")
 
 
-def _last_layer_norm(tree: Any, depths: Any, norm: str, what: str) -> jax.Array:
-  """The block norm of all float leaves of the deepest layer of `tree`."""
+def _last_layer_norm(tree: Any, labels: list[_depths.Depth], norm: str, what: str) -> jax.Array:
+  """The block norm of all float leaves (and slices) of the deepest layer of `tree`."""
   leaves = [x for _, x in _tree.flatten(tree)[0]]
-  labels = _depths.depths_by_path(tree, depths)
-  deepest = max(labels, default=_depths.NOT_A_LAYER)
-  block = [x for x, d in zip(leaves, labels) if d == deepest and _tree.is_float_leaf(x)]
+  deepest = _depths.deepest(labels)
+  block = []
+  for x, label in zip(leaves, labels):
+    if not _tree.is_float_leaf(x):
+      continue
+    if isinstance(label, _depths.StackedDepth):
+      index = [i for i, d in enumerate(label.depths) if d == deepest]
+      if index:
+        block.append(jnp.take(x, np.asarray(index), axis=label.axis))
+    elif label == deepest:
+      block.append(x)
   if not block:
     raise ValueError(
       f"target='last_layer{what}' needs the final layer (depth {deepest}), but none of "
@@ -49,29 +59,62 @@ def _last_layer_norm(tree: Any, depths: Any, norm: str, what: str) -> jax.Array:
   return _tree.block_norm(block, norm)
 
 
-def _target_value(target: Target, updates: Any, params: Any, depths: Any, norm: str) -> Any:
+def _target_value(target: Target, updates: Any, params: Any, labels: Any, norm: str) -> Any:
   if isinstance(target, str) and target == "last_layer":
-    return _last_layer_norm(updates, depths, norm, "")
+    return _last_layer_norm(updates, labels(updates), norm, "")
   if isinstance(target, str):
     if params is None:
       raise ValueError(NO_PARAMS_MSG)
-    return _last_layer_norm(params, depths, norm, "_weights")
+    return _last_layer_norm(params, labels(params), norm, "_weights")
   if callable(target):
     return target(updates, params)
   return target
 
 
-def _blocks(updates: Any, depths: Any, group: str) -> list[list[int]]:
+def _blocks(leaves: list[Any], labels: list[Any] | None, group: str) -> list[list[int]]:
   """Indices of the flattened float leaves, grouped into blocks normalized together."""
-  leaves = [x for _, x in _tree.flatten(updates)[0]]
   floats = [i for i, x in enumerate(leaves) if _tree.is_float_leaf(x)]
+  if labels is not None:  # a float leaf labelled -1 (unused in `infer_depths`) is left alone
+    floats = [i for i in floats if labels[i] != _depths.NOT_A_LAYER]
   if group == "leaf":
     return [[i] for i in floats]
-  labels = _depths.depths_by_path(updates, depths)
   by_depth: dict[int, list[int]] = defaultdict(list)
   for i in floats:
     by_depth[labels[i]].append(i)
   return list(by_depth.values())
+
+
+def stacked_pieces(leaves: list[Any], labels: list[Any], group: str) -> tuple[list, int]:
+  """Blocks of a tree with stacked leaves, as `_tree.segment_norms` pieces.
+
+  ``group="leaf"``: each whole leaf and each slice of a stacked leaf is a block;
+  ``"layer"``: each depth (slices of one depth across leaves join). Returns the
+  pieces ``(leaf index, axis, ids)`` and the number of blocks.
+  """
+  ids: dict[Any, int] = {}
+  pieces = []
+  for i, (x, label) in enumerate(zip(leaves, labels)):
+    if not _tree.is_float_leaf(x) or label == _depths.NOT_A_LAYER:
+      continue
+    stacked = isinstance(label, _depths.StackedDepth)
+    depths = label.depths if stacked else (label,)
+    keys = [(i, k) for k in range(len(depths))] if group == "leaf" else list(depths)
+    block = [
+      ids.setdefault(k, len(ids)) if d != _depths.NOT_A_LAYER else -1 for k, d in zip(keys, depths)
+    ]
+    pieces.append((i, label.axis if stacked else None, np.asarray(block) if stacked else block[0]))
+  return pieces, len(ids)
+
+
+def _normalize_stacked(leaves, labels, group, n, norm, eps) -> list[Any]:
+  pieces, count = stacked_pieces(leaves, labels, group)
+  norms = _tree.segment_norms([(leaves[i], a, ids) for i, a, ids in pieces], count, norm)
+  factors = _tree.safe_ratio(n, norms, eps)
+  out = list(leaves)
+  for i, axis, ids in pieces:
+    f = _tree.block_values(factors, ids) if axis is not None else factors[ids]
+    out[i] = _tree.scale_leaf(leaves[i], _tree.along(f, axis, leaves[i].ndim))
+  return out
 
 
 def layerwise_normalize(
@@ -81,6 +124,7 @@ def layerwise_normalize(
   eps: float | jax.Array = 1e-8,
   group: str = "leaf",
   depths: Any = None,
+  stack_axis: _depths.StackAxis = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Divides each block of the gradient by its norm and multiplies it by N.
 
@@ -124,7 +168,13 @@ def layerwise_normalize(
     group: ``"leaf"`` or ``"layer"``.
     depths: what defines the layers (for ``group="layer"`` and the
       ``last_layer`` targets): ``None`` (labels from the updates' paths, see
-      `layer_depths`), a rule, or a pytree from `layer_depths`.
+      `layer_depths`), a rule, or a pytree from `layer_depths` or
+      `infer_depths`. A leaf labelled with a `StackedDepth` holds one layer
+      per slice: each slice is normalized on its own (``group="leaf"``) or
+      with the leaves of its depth (``"layer"``), in one vectorized pass.
+    stack_axis: leaves that hold several layers along one axis (``nn.scan``),
+      see `layer_depths`; or carry them in `depths`. Under
+      `optax.inject_hyperparams` list a callable in ``static_args``.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with an empty state.
@@ -148,17 +198,26 @@ def layerwise_normalize(
     deep neural network", 2017, https://arxiv.org/abs/1707.04822
   """
   _check_args(target, norm, eps, group)
+  _depths._check_stack_axis_type(stack_axis)
 
   def init_fn(params: Any) -> optax.EmptyState:
     del params
     return optax.EmptyState()
 
+  labels = lambda tree: _depths.leaf_depths(tree, depths, stack_axis)
+  # Stacks can only come from a depth pytree or `stack_axis`: otherwise "leaf" needs no labels.
+  may_stack = stack_axis is not None or not (depths is None or _depths._is_rule(depths))
+
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    n = _target_value(target, updates, params, depths, norm)
+    n = _target_value(target, updates, params, labels, norm)
     leaves, treedef = _tree.flatten(updates)
     leaves = [x for _, x in leaves]
-    for block in _blocks(updates, depths, group):
+    found = labels(updates) if group == "layer" or may_stack else None
+    if found is not None and any(isinstance(d, _depths.StackedDepth) for d in found):
+      leaves = _normalize_stacked(leaves, found, group, n, norm, eps)
+      return jax.tree_util.tree_unflatten(treedef, leaves), state
+    for block in _blocks(leaves, found, group):
       factor = _tree.safe_ratio(n, _tree.block_norm([leaves[i] for i in block], norm), eps)
       for i in block:
         leaves[i] = _tree.scale_leaf(leaves[i], factor)

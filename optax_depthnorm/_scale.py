@@ -41,7 +41,15 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class ScaleNormalizeState(NamedTuple):
-  """State of `scale_normalize`: the step count and the probes' PRNG key."""
+  """State of `scale_normalize`: the step count and the probes' PRNG key.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_depthnorm as odn
+    >>> state = odn.scale_normalize("probe", key=0).init({"Dense_0": {"kernel": jnp.eye(2)}})
+    >>> int(state.count), state.key.shape, state.key.dtype
+    (0, (2,), dtype('uint32'))
+  """
 
   count: jax.Array  # int32 scalar
   key: jax.Array  # uint32 key data (`jax.random.key_data`); moves only in mode="probe"
@@ -206,8 +214,14 @@ def _under(path: str, prefix: str) -> bool:
   return path == prefix or path.startswith(prefix + "/")
 
 
-def _inputs_for(inputs: list, name: str, layer: str, fan_in: int, dtype: Any) -> jax.Array:
-  """All arrays at or under the weight's path, else its layer's, as (-1, fan_in) rows."""
+def _inputs_for(
+  inputs: list, name: str, layer: str, fan_in: int, dtype: Any, stack: int | None = None
+) -> jax.Array:
+  """All arrays at or under the weight's path, else its layer's, as (-1, fan_in) rows.
+
+  For a weight that stacks `stack` layers, each array has a leading axis of that
+  size (as `sow` inside `nn.scan` stores them) and the rows are (stack, -1, fan_in).
+  """
   found = [x for n, x in inputs if _under(n, name)] or [x for n, x in inputs if _under(n, layer)]
   if not found:
     raise ValueError(
@@ -216,6 +230,12 @@ def _inputs_for(inputs: list, name: str, layer: str, fan_in: int, dtype: Any) ->
       f"(it has {[n for n, _ in inputs][:6]})."
     )
   for x in found:
+    if stack is not None and (jnp.ndim(x) < 2 or jnp.shape(x)[0] != stack):
+      raise ValueError(
+        f"layer inputs for the stacked weight at {name!r} ({stack} layers) have shape "
+        f"{jnp.shape(x)}; give them a leading axis of {stack}, one entry per layer "
+        "(`sow` inside `nn.scan` stacks them so)."
+      )
     if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != fan_in:
       raise ValueError(
         f"layer inputs for the weight at {name!r} have shape {jnp.shape(x)}, but the weight "
@@ -223,6 +243,8 @@ def _inputs_for(inputs: list, name: str, layer: str, fan_in: int, dtype: Any) ->
         "flattened in the order of the fan-in axes); if the fan-in axes are wrong, set "
         "`kernel_layout` or `fan_in_axes`."
       )
+  if stack is not None:
+    return jnp.concatenate([jnp.reshape(x, (stack, -1, fan_in)).astype(dtype) for x in found], 1)
   return jnp.concatenate([jnp.reshape(x, (-1, fan_in)).astype(dtype) for x in found])
 
 
@@ -240,6 +262,11 @@ def _active(count: jax.Array, every_k_steps: Any, first_n_steps: Any) -> jax.Arr
   if first_n_steps is not None:
     active &= count < jnp.asarray(first_n_steps).astype(count.dtype)
   return active
+
+
+def _drop(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+  """`shape` without `axis`: the shape of one slice of a stacked weight."""
+  return tuple(n for a, n in enumerate(shape) if a != axis)
 
 
 def _rescaled_update(u: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
@@ -274,6 +301,8 @@ def scale_normalize(
   first_n_steps: int | jax.Array | None = None,
   eps: float | jax.Array = 1e-8,
   key: jax.Array | int = 0,
+  depths: Any = None,
+  stack_axis: _depths.StackAxis = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales each new weight matrix to scale 1: scale or determinant normalization.
 
@@ -327,8 +356,8 @@ def scale_normalize(
   layer's path (``Dense_0/kernel``, else ``Dense_0``), every array at or under
   that path (as `sow` stores them, a tuple per call) taken together. A Flax
   linen model hands them over unchanged through a method interceptor that
-  sows each Dense layer's input (the whole train step is in docs/methods.md
-  and runs in the tests)::
+  sows each Dense layer's input (the whole train step is in
+  docs/methods/scale_normalize.md and runs in the tests)::
 
     def sow_inputs(next_fun, args, kwargs, context):
       if context.method_name == "__call__" and isinstance(context.module, nn.Dense):
@@ -369,6 +398,16 @@ def scale_normalize(
       the benefit early in training); None for always.
     eps: scales at or below eps are treated as 1 (the weight is left alone).
     key: seed (int) or PRNG key for the probes.
+    depths: read only for its stacked leaves (a pytree from `infer_depths` or
+      `layer_depths` whose `StackedDepth` leaves mark weights that hold one
+      layer per slice); no other depth matters here.
+    stack_axis: weights that hold several layers along one axis (``nn.scan``),
+      see `layer_depths`. Each slice is a weight matrix of its own, scaled by
+      its own ``c`` (computed for all slices at once with `jax.vmap`); its
+      fan-in axes (``kernel_layout``, ``fan_in_axes``) are those of one slice,
+      and in mode ``"data"`` its inputs carry a leading axis with one entry
+      per slice, as `sow` inside ``nn.scan`` stacks them. Under
+      `optax.inject_hyperparams` list a callable in ``static_args``.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; its state counts steps and
@@ -403,20 +442,30 @@ def scale_normalize(
   """
   _check_args(mode, kernel_layout, fan_in_axes, num_probes)
   _check_numbers(every_k_steps, first_n_steps, eps)
+  _depths._check_stack_axis_type(stack_axis)
   num_probes = _DEFAULT_PROBES if num_probes is None else num_probes
 
   def init_fn(params: Any) -> ScaleNormalizeState:
     del params
     return ScaleNormalizeState(count=jnp.zeros([], jnp.int32), key=_init_key(key))
 
-  def weights(updates: Any, params: Any) -> list[tuple[int, str, str, tuple[int, ...], Any]]:
-    """(leaf index, path, layer path, fan-in axes, param) of each weight matrix."""
+  may_stack = stack_axis is not None or not (depths is None or _depths._is_rule(depths))
+
+  def stacks(updates: Any) -> list[int | None]:
+    if not may_stack:
+      return [None] * len(_tree.flatten(updates)[0])
+    labels = _depths.leaf_depths(updates, depths, stack_axis)
+    return [d.axis if isinstance(d, _depths.StackedDepth) else None for d in labels]
+
+  def weights(updates: Any, params: Any) -> list[tuple[int, str, str, tuple[int, ...], Any, Any]]:
+    """(leaf index, path, layer path, fan-in axes, param, stack axis) of each weight matrix."""
     by_name = {"/".join(_tree.path_parts(p)): x for p, x in _tree.flatten(params)[0]}
     names, out = [], []
-    for i, (path, u) in enumerate(_tree.flatten(updates)[0]):
+    for i, ((path, u), stack) in enumerate(zip(_tree.flatten(updates)[0], stacks(updates))):
       name, layer = "/".join(_tree.path_parts(path)), "/".join(_depths._layer_key(path))
       names.append((name, layer))
-      axes = _fan_in(fan_in_axes, kernel_layout, name, layer, u)
+      one = u if stack is None else jax.ShapeDtypeStruct(_drop(u.shape, stack), u.dtype)
+      axes = _fan_in(fan_in_axes, kernel_layout, name, layer, one)
       if axes is None:
         continue
       w = by_name.get(name)
@@ -425,7 +474,7 @@ def scale_normalize(
           f"params at {name!r} is {getattr(w, 'shape', w)!r} but its update has shape "
           f"{u.shape}: pass the params the updates are for."
         )
-      out.append((i, name, layer, axes, w))
+      out.append((i, name, layer, axes, w, stack))
     _check_mapping_keys(fan_in_axes, names)
     return out
 
@@ -441,28 +490,37 @@ def scale_normalize(
       new_key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
       new_key = jax.random.key_data(new_key)
     mats, xs = [], []
-    for i, name, layer, axes, w in found:
+    for i, name, layer, axes, w, stack in found:
       dtype = _tree.acc_dtype(leaves[i].dtype, w.dtype)
-      mats.append(as_matrix(w.astype(dtype) + leaves[i].astype(dtype), axes))  # W*
-      fan_in = mats[-1].shape[0]
+      new = w.astype(dtype) + leaves[i].astype(dtype)  # W*
+      if stack is None:
+        mats.append(as_matrix(new, axes))
+      else:  # one (fan_in, fan_out) matrix per slice: (L, fan_in, fan_out)
+        mats.append(jax.vmap(lambda m, axes=axes: as_matrix(m, axes))(jnp.moveaxis(new, stack, 0)))
+      fan_in, lead = mats[-1].shape[-2], mats[-1].shape[:-2]
       if mode == "data":
-        xs.append(_inputs_for(inputs, name, layer, fan_in, dtype))
+        xs.append(_inputs_for(inputs, name, layer, fan_in, dtype, lead[0] if lead else None))
       elif mode == "probe":
-        xs.append(jax.random.normal(_path_key(step_key, name), (num_probes, fan_in), dtype))
+        shape = (*lead, num_probes, fan_in)
+        xs.append(jax.random.normal(_path_key(step_key, name), shape, dtype))
+
+    def scale(m: jax.Array, x: Any) -> jax.Array:
+      fn = determinant_scale if mode == "determinant" else mean_scale
+      args = (m,) if mode == "determinant" else (m, x)
+      return fn(*args) if m.ndim == 2 else jax.vmap(fn)(*args)
 
     def scales() -> list[jax.Array]:
-      if mode == "determinant":
-        return [determinant_scale(m) for m in mats]
-      return [mean_scale(m, x) for m, x in zip(mats, xs)]
+      return [scale(m, x) for m, x in zip(mats, xs or [None] * len(mats))]
 
     active = _active(state.count, every_k_steps, first_n_steps)
     if active is None:
       cs = scales()
     else:
-      cs = jax.lax.cond(active, scales, lambda: [jnp.ones([], m.dtype) for m in mats])
-    for (i, _, _, _, w), c in zip(found, cs):
+      cs = jax.lax.cond(active, scales, lambda: [jnp.ones(m.shape[:-2], m.dtype) for m in mats])
+    for (i, _, _, _, w, stack), c in zip(found, cs):
       keep = c <= jnp.asarray(eps).astype(c.dtype)
-      leaves[i] = _rescaled_update(leaves[i], w, jnp.where(keep, 1, 1 / jnp.where(keep, 1, c)))
+      s = _tree.along(jnp.where(keep, 1, 1 / jnp.where(keep, 1, c)), stack, w.ndim)
+      leaves[i] = _rescaled_update(leaves[i], w, s)
     new_state = ScaleNormalizeState(count=optax.safe_increment(state.count), key=new_key)
     return jax.tree_util.tree_unflatten(treedef, leaves), new_state
 

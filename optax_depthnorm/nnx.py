@@ -1,4 +1,16 @@
-"""Flax NNX layers of optax_depthnorm: ``odn.nnx.BGN``."""
+"""Flax NNX layers of optax_depthnorm: ``odn.nnx.BGN``.
+
+The optax transforms work on NNX states as they are (``nnx.Optimizer`` passes
+them through); this module holds the layers that live in the model.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> import optax_depthnorm as odn
+  >>> layer = odn.nnx.BGN()  # identity forward, gradient norm sqrt(d) backward
+  >>> layer(jnp.ones((2, 3))).shape
+  (2, 3)
+"""
 
 from __future__ import annotations
 

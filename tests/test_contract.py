@@ -49,12 +49,13 @@ class Entry:
   hparams: dict[str, Any]
   changed: dict[str, Any] = dataclasses.field(default_factory=dict)
   after_optimizer: bool = False
+  static_args: tuple[str, ...] = ()  # callables bound in `factory`, not schedules
 
   def make(self, **overrides: Any) -> optax.GradientTransformation:
     return self.factory(**{**self.hparams, **overrides})
 
   def inject(self) -> optax.GradientTransformationExtraArgs:
-    return optax.inject_hyperparams(self.factory)(**self.hparams)
+    return optax.inject_hyperparams(self.factory, static_args=self.static_args)(**self.hparams)
 
   def with_sgd(self, tx: optax.GradientTransformation, lr: float = 0.05):
     """`tx` and SGD chained in the order the transform is used in."""
@@ -77,6 +78,14 @@ _ENTRIES = [
     _partial(odn.layerwise_normalize, target="last_layer_weights"),
     {"eps": 1e-8},
     {"eps": 100.0},
+  ),
+  # Every matrix taken as a stack of layers along axis 0: the per-slice (vectorized) path.
+  Entry(
+    "normalize_stacked",
+    _partial(odn.layerwise_normalize, stack_axis=lambda path, leaf: 0 if leaf.ndim >= 2 else None),
+    {"target": 1.0},
+    {"target": 2.5},
+    static_args=("stack_axis",),
   ),
   Entry("decay", odn.depth_decay, {"gamma": 0.1}, {"gamma": 0.7}),
   Entry(

@@ -458,11 +458,11 @@ def test_linen_mlp_trains(mode, momentum):
 
 
 def test_docs_example_runs():
-  text = (ROOT / "docs" / "methods.md").read_text()
-  section = text[text.index("## `scale_normalize`") :]
+  text = (ROOT / "docs" / "methods" / "scale_normalize.md").read_text()
+  section = text[text.index("## Data mode in a training step") :]
   code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
   namespace: dict = {}
-  exec(compile(code, "docs/methods.md", "exec"), namespace)
+  exec(compile(code, "docs/methods/scale_normalize.md", "exec"), namespace)
   assert float(namespace["loss"]) > 0
 
 
