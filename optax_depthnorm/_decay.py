@@ -90,7 +90,7 @@ def depth_decay(
   with ``d`` the layer's depth (0 at the input; at the output with
   ``reverse=True``), or ``d / max depth`` with ``normalize_depth=True``. The
   paper's linear gamma = 0.5 halves the update at every layer: on a 50-layer
-  net the first layers' updates are 2^-50 smaller than the last, so that value
+  net the last layers' updates are 2^-50 smaller than the first, so that value
   only makes sense on a shallow net or with ``normalize_depth=True`` (then
   ``D`` falls from 1 to 1 - gamma across the whole network).
 
