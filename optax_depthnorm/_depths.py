@@ -287,7 +287,7 @@ def _check_depth(depth: Any, path: str) -> int:
 
 
 def _rule_depths(tree: Any, rule: DepthRule, paths: list, leaves: list) -> list[int]:
-  names = ["/".join(_tree.path_parts(p)) for p in paths]
+  names = [_tree.path_name(p) for p in paths]
   if rule is None:
     return _default_depths(tree, paths)
   if isinstance(rule, (str, re.Pattern)):
@@ -467,7 +467,7 @@ def layer_depths(
   paths, leaves = [p for p, _ in picked], [x for _, x in picked]
   found: list[Any] = _rule_depths(tree, rule, paths, leaves)
   if stack_axis is not None:
-    names = ["/".join(_tree.path_parts(p)) for p in paths]
+    names = [_tree.path_name(p) for p in paths]
     axes = stack_axes(stack_axis, names, leaves)
     sizes = [None if a is None else x.shape[a] for a, x in zip(axes, leaves)]
     found = _expand_stacks(found, sizes, axes)
@@ -502,7 +502,7 @@ def leaf_depths(tree: Any, depths: Any, stack_axis: StackAxis = None) -> list[De
     return [d for _, d in _tree.flatten(labelled)[0]]
   table = depth_lookup(depths)
   flat = _tree.flatten(tree)[0]
-  names = ["/".join(_tree.path_parts(p)) for p, _ in flat]
+  names = [_tree.path_name(p) for p, _ in flat]
   axes = stack_axes(stack_axis, names, [x for _, x in flat])
   out: list[Depth] = []
   for name, (_, leaf), axis in zip(names, flat, axes):
@@ -525,14 +525,6 @@ def leaf_depths(tree: Any, depths: Any, stack_axis: StackAxis = None) -> list[De
   return out
 
 
-def depths_by_path(tree: Any, depths: Any) -> list[int]:
-  """Depth of each leaf of `tree` as plain ints (no stacked leaves), see `leaf_depths`."""
-  labels = leaf_depths(tree, depths)
-  if any(isinstance(d, StackedDepth) for d in labels):
-    raise TypeError("depths holds per-slice depths (StackedDepth); read them with `leaf_depths`.")
-  return labels  # type: ignore[return-value]
-
-
 def _check_stacked(label: Depth, leaf: Any, name: str) -> Depth:
   """A `StackedDepth` checked against its leaf's shape, its axis made non-negative."""
   shape = getattr(leaf, "shape", None)
@@ -551,7 +543,7 @@ def depth_lookup(depths: Any) -> dict[str, Depth]:
   """Maps each ``'/'``-joined path of a depth pytree to its depth (int or `StackedDepth`)."""
   table: dict[str, Depth] = {}
   for path, depth in _tree.flatten(depths)[0]:
-    name = "/".join(_tree.path_parts(path))
+    name = _tree.path_name(path)
     if isinstance(depth, StackedDepth):
       table[name] = depth
       continue
@@ -616,7 +608,7 @@ def depth_table(tree: Any, depths: Any = None, *, stack_axis: StackAxis = None) 
   rows = [
     (
       d.text() if isinstance(d, StackedDepth) else str(d) if d != NOT_A_LAYER else "-",
-      "/".join(_tree.path_parts(p)) or "<root>",
+      _tree.path_name(p) or "<root>",
       str(tuple(getattr(x, "shape", ()))) + (f"@{d.axis}" if isinstance(d, StackedDepth) else ""),
       "masked"
       if not _tree.is_float_leaf(x) and _tree.is_param_leaf(x)

@@ -285,10 +285,10 @@ def _ratio(norm: jax.Array, param_norm: jax.Array) -> jax.Array:
 
 def _param_norms(params: Any, layers: _Layers, flat: list, dtype: Any) -> jax.Array:
   """Norm of each layer's parameters, matched to the gradient's leaves by path."""
-  lookup = {"/".join(_tree.path_parts(p)): x for p, x in _tree.flatten(params)[0]}
+  lookup = {_tree.path_name(p): x for p, x in _tree.flatten(params)[0]}
 
   def param(i: int) -> Any:
-    name = "/".join(_tree.path_parts(flat[i][0]))
+    name = _tree.path_name(flat[i][0])
     if name not in lookup:
       raise ValueError(
         f"params has no leaf at {name!r}, where the gradient has one; pass params "

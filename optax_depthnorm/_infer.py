@@ -458,7 +458,7 @@ def _warn_unused(params: Any, unused: list[int]) -> None:
   if not unused:
     return
   paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  names = ["/".join(_tree.path_parts(paths[i][0])) or "<root>" for i in unused]
+  names = [_tree.path_name(paths[i][0]) or "<root>" for i in unused]
   shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
   warnings.warn(
     f"infer_depths: the forward pass never uses {len(names)} parameter leaf(s): {shown}. "

@@ -207,7 +207,7 @@ def _flat_inputs(layer_inputs: Any) -> list[tuple[str, Any]]:
   if layer_inputs is None:
     raise ValueError(NO_INPUTS_MSG)
   leaves = jax.tree_util.tree_flatten_with_path(layer_inputs)[0]
-  return [("/".join(_tree.path_parts(p)), x) for p, x in leaves]
+  return [(_tree.path_name(p), x) for p, x in leaves]
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -459,10 +459,10 @@ def scale_normalize(
 
   def weights(updates: Any, params: Any) -> list[tuple[int, str, str, tuple[int, ...], Any, Any]]:
     """(leaf index, path, layer path, fan-in axes, param, stack axis) of each weight matrix."""
-    by_name = {"/".join(_tree.path_parts(p)): x for p, x in _tree.flatten(params)[0]}
+    by_name = {_tree.path_name(p): x for p, x in _tree.flatten(params)[0]}
     names, out = [], []
     for i, ((path, u), stack) in enumerate(zip(_tree.flatten(updates)[0], stacks(updates))):
-      name, layer = "/".join(_tree.path_parts(path)), "/".join(_depths._layer_key(path))
+      name, layer = _tree.path_name(path), "/".join(_depths._layer_key(path))
       names.append((name, layer))
       one = u if stack is None else jax.ShapeDtypeStruct(_drop(u.shape, stack), u.dtype)
       axes = _fan_in(fan_in_axes, kernel_layout, name, layer, one)

@@ -50,6 +50,11 @@ def path_parts(path: Sequence[Any]) -> tuple[str, ...]:
   return tuple(key_name(k) for k in strip_value(path))
 
 
+def path_name(path: Sequence[Any]) -> str:
+  """A path as one ``'/'``-joined string (``'Dense_0/kernel'``), the key of depth tables."""
+  return "/".join(path_parts(path))
+
+
 def _is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 

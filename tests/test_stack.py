@@ -338,7 +338,3 @@ def test_errors():
     odn.StackedDepth([])
   with pytest.raises(TypeError, match="StackedDepth axis must be an int"):
     odn.StackedDepth([1], axis=0.5)
-  from optax_depthnorm import _depths
-
-  with pytest.raises(TypeError, match="read them with `leaf_depths`"):
-    _depths.depths_by_path(tree, S_DEPTHS)
