@@ -101,8 +101,9 @@ def optimizer_runner(tx: optax.GradientTransformation, params: Any, grads: Any, 
     updates, state = tx.update(grads, state, params, layer_inputs=inputs)
     return optax.apply_updates(params, updates), state
 
+  state = tx.init(params)  # the creation-ordered dict: depths resolved here
   own = jax.tree_util.tree_map(jnp.copy, params)
-  return Runner(step, (own, tx.init(own)), grads, inputs)
+  return Runner(step, (own, state), grads, inputs)
 
 
 def time_tree(name: str, params: Any, args: argparse.Namespace, facts: dict) -> dict[str, Any]:

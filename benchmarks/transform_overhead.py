@@ -1,13 +1,14 @@
 """Train-step overhead of optax_depthnorm's transforms on a ResNet-50-shaped tree.
 
 Times one jitted optimizer step, ``tx.update`` followed by ``optax.apply_updates``,
-with fixed random gradients, for four optimizers side by side in one run:
+with fixed random gradients, for five optimizers side by side in one run:
 
 1. ``optax.adam(1e-3)``, the baseline;
 2. ``layerwise_normalize() -> depth_decay(0.01) -> adam(1e-3)``, the transform
    under test;
-3. ``optax.lamb(1e-3)``, a peer that also takes per-leaf norms;
-4. ``clip_by_global_norm(1.0) -> adam(1e-3)``, a peer that takes one global norm.
+3. ``track_gradient_flow() -> adam(1e-3)``, the in-state gradient-flow monitor;
+4. ``optax.lamb(1e-3)``, a peer that also takes per-leaf norms;
+5. ``clip_by_global_norm(1.0) -> adam(1e-3)``, a peer that takes one global norm.
 
 Method: every variant is compiled first, then the variants are alternated for
 ``--rounds`` rounds (their order rotates each round); in each round every
@@ -140,6 +141,7 @@ def variants() -> dict[str, Callable[[], optax.GradientTransformation]]:
     "layerwise_normalize+depth_decay+adam": lambda: optax.chain(
       odn.layerwise_normalize(), odn.depth_decay(0.01), optax.adam(1e-3)
     ),
+    "track_gradient_flow+adam": lambda: optax.chain(odn.track_gradient_flow(), optax.adam(1e-3)),
     "lamb": lambda: optax.lamb(1e-3),
     "clip_by_global_norm+adam": lambda: optax.chain(
       optax.clip_by_global_norm(1.0), optax.adam(1e-3)
@@ -155,8 +157,9 @@ def optimizer_runner(tx: optax.GradientTransformation, params: Params, grads: Pa
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
+  state = tx.init(params)  # the creation-ordered dict: depths resolved here
   own = jax.tree_util.tree_map(jnp.copy, params)
-  return Runner(step, (own, tx.init(own)), grads)
+  return Runner(step, (own, state), grads)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """optax_depthnorm: depth-aware gradient transformations for Optax."""
 
-from optax_depthnorm import nnx
-from optax_depthnorm._bgn import BGN, bgn, with_bgn
+from optax_depthnorm import linen, nnx
+from optax_depthnorm._bgn import bgn, with_bgn
 from optax_depthnorm._decay import DepthDecayState, depth_decay, depth_normalized
 from optax_depthnorm._depths import (
   NOT_A_LAYER,
@@ -10,21 +10,19 @@ from optax_depthnorm._depths import (
   depth_table,
   layer_depths,
 )
-from optax_depthnorm._flow import (
-  Flag,
-  FlowReport,
+from optax_depthnorm._diagnose import Flag, diagnose
+from optax_depthnorm._infer import UnusedParamWarning, infer_depths
+from optax_depthnorm._normalize import LayerwiseNormalizeState, layerwise_normalize
+from optax_depthnorm._plot import plot_flow_heatmap, plot_gradient_flow
+from optax_depthnorm._report import FlowReport, gradient_flow
+from optax_depthnorm._scale import ScaleNormalizeState, scale_normalize
+from optax_depthnorm._track import (
   FlowStats,
   GradientFlowState,
-  activation_gradient_norms,
-  diagnose,
   flow_from_state,
-  gradient_flow,
   track_gradient_flow,
 )
-from optax_depthnorm._infer import UnusedParamWarning, infer_depths
-from optax_depthnorm._normalize import layerwise_normalize
-from optax_depthnorm._plot import plot_flow_heatmap, plot_gradient_flow
-from optax_depthnorm._scale import ScaleNormalizeState, scale_normalize
+from optax_depthnorm.linen import BGN, activation_gradient_norms
 
 __version__ = "0.1.0"
 
@@ -37,6 +35,7 @@ __all__ = (
   "FlowReport",
   "FlowStats",
   "GradientFlowState",
+  "LayerwiseNormalizeState",
   "ScaleNormalizeState",
   "StackedDepth",
   "UnusedParamWarning",
@@ -51,6 +50,7 @@ __all__ = (
   "infer_depths",
   "layer_depths",
   "layerwise_normalize",
+  "linen",
   "nnx",
   "plot_flow_heatmap",
   "plot_gradient_flow",

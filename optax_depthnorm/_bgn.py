@@ -1,4 +1,4 @@
-"""Backward Gradient Normalization: `bgn`, `with_bgn` and the linen `BGN` layer."""
+"""Backward Gradient Normalization: `bgn`, `with_bgn` and `default_kappa`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import math
 from collections.abc import Callable, Hashable
 from typing import Any, Union
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from optax_depthnorm import _tree
+from optax_depthnorm import _reduce, _tree
 
 Kappa = Union[None, float, jax.Array, Callable[[tuple[int, ...]], float]]
 
@@ -35,15 +34,12 @@ def _bgn_fwd(x, kappa, eps, per_example, axis_name):
 
 def _bgn_bwd(per_example, axis_name, residuals, g):
   kappa, eps = residuals
-  g_acc = g.astype(_tree.acc_dtype(g.dtype))
-  if per_example and g.ndim:
-    squares = jnp.sum(jnp.square(g_acc), axis=tuple(range(1, g.ndim)), keepdims=True)
-  else:
-    squares = jnp.sum(jnp.square(g_acc))
-    if axis_name is not None:
-      squares = jax.lax.psum(squares, axis_name)
-  scale = _tree.safe_ratio(kappa, jnp.sqrt(squares), eps)
-  return (g_acc * scale).astype(g.dtype), None, None
+  parts = _reduce.sums(g, (0,) if per_example and g.ndim else ())
+  if axis_name is not None and not (per_example and g.ndim):
+    psum = lambda v: jax.lax.psum(v, axis_name)
+    parts = _reduce.combine(parts, (psum, lambda v: jax.lax.pmax(v, axis_name)))
+  inverse = _tree.safe_ratio(1, _reduce.l2(parts), eps)
+  return _tree.scale_leaf(g, inverse, kappa), None, None
 
 
 _bgn.defvjp(_bgn_fwd, _bgn_bwd)
@@ -59,10 +55,10 @@ def bgn(
 ) -> jax.Array:
   r"""Identity forward; rescales the incoming gradient to norm kappa backward.
 
-  .. math::
-
-    \mathrm{BGN}_f(x) = x \quad (4), \qquad
-    \mathrm{BGN}_b(g) = \kappa \, \frac{g}{\|g\|} \quad (5)
+  $$
+  \mathrm{BGN}_f(x) = x \quad (4), \qquad
+  \mathrm{BGN}_b(g) = \kappa \, \frac{g}{\|g\|} \quad (5)
+  $$
 
   with ``||g||`` the L2 norm over the whole tensor, batch included (the
   paper's reading), and ``kappa = sqrt(d)``, ``d`` the size of ``g`` without its
@@ -113,7 +109,7 @@ def bgn(
 
   References:
     Cabana & Lago-Fernández, "Backward Gradient Normalization in Deep Neural
-    Networks", 2021 (seed 003), sec. 2, eq. (4)-(11).
+    Networks", 2021, sec. 2, eq. (4)-(11).
     https://arxiv.org/abs/2106.09475
   """
   if kappa is None:
@@ -147,7 +143,7 @@ def with_bgn(activation: Callable[[jax.Array], jax.Array], **bgn_kwargs: Any) ->
     'relu_bgn'
 
   References:
-    Cabana & Lago-Fernández 2021 (seed 003), sec. 2.1: "a BGN layer just before
+    Cabana & Lago-Fernández 2021, sec. 2.1: "a BGN layer just before
     every activation function".
   """
 
@@ -157,37 +153,3 @@ def with_bgn(activation: Callable[[jax.Array], jax.Array], **bgn_kwargs: Any) ->
 
   wrapped.__name__ = f"{getattr(activation, '__name__', 'activation')}_bgn"
   return wrapped
-
-
-class BGN(nn.Module):
-  """Flax linen layer: Backward Gradient Normalization (see `bgn`).
-
-  No parameters; identity forward. Put it before each activation.
-
-  Attributes:
-    kappa: gradient norm after BGN; ``None`` for sqrt(d).
-    eps: norm floor.
-    per_example: normalize each example alone.
-    axis_name: mapped axis over which the batch is split.
-
-  Example:
-    >>> import flax.linen as nn
-    >>> import jax, jax.numpy as jnp
-    >>> import optax_depthnorm as odn
-    >>> model = nn.Sequential([nn.Dense(4), odn.BGN(), nn.relu, nn.Dense(1)])
-    >>> variables = model.init(jax.random.key(0), jnp.ones((2, 3)))
-    >>> sorted(variables["params"])  # BGN holds no parameters
-    ['layers_0', 'layers_3']
-
-  References:
-    Cabana & Lago-Fernández 2021 (seed 003), eq. (4)-(5).
-  """
-
-  kappa: float | None = None
-  eps: float = 1e-12
-  per_example: bool = False
-  axis_name: Hashable | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return bgn(x, self.kappa, eps=self.eps, per_example=self.per_example, axis_name=self.axis_name)

@@ -9,14 +9,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_depthnorm import _depths, _normalize, _tree
+from optax_depthnorm import _depths, _layers, _normalize, _tree
 
 Decay = Union[str, Callable[[jax.Array, jax.Array], jax.Array]]
 DECAYS = ("linear", "exponential")
 
 
 class DepthDecayState(NamedTuple):
-  """State of `depth_decay`: the step count that drives a gamma schedule.
+  """State of `depth_decay`: the step count (for a gamma schedule) and the depths.
+
+  ``depths`` maps each parameter leaf's ``'/'``-joined path to its depth as an
+  int32 array, resolved once at `init` (per-slice depths for a stacked leaf;
+  -1: left alone). The factors $D_\\gamma(d)$ are computed from it at every step.
 
   Example:
     >>> import jax.numpy as jnp
@@ -25,14 +29,15 @@ class DepthDecayState(NamedTuple):
     >>> params = {"Dense_0": {"kernel": jnp.ones(2)}, "Dense_1": {"kernel": jnp.ones(2)}}
     >>> tx = odn.depth_decay(optax.linear_schedule(0.0, 0.5, 10))  # gamma by step count
     >>> state = tx.init(params)
-    >>> state
-    DepthDecayState(count=Array(0, dtype=int32))
+    >>> int(state.count), {path: int(d) for path, d in state.depths.items()}
+    (0, {'Dense_0/kernel': 0, 'Dense_1/kernel': 1})
     >>> _, state = tx.update(params, state)
     >>> int(state.count)
     1
   """
 
   count: jax.Array  # int32 scalar
+  depths: Any  # dict[str, int32 array], see `_layers`
 
 
 def _linear(gamma: jax.Array, d: jax.Array) -> jax.Array:
@@ -62,12 +67,17 @@ def _check_args(gamma: Any, decay: Decay) -> None:
     raise ValueError(f"gamma must be in [0, 1] for decay='linear' ((1 - gamma)^d), got {gamma!r}.")
 
 
-def _effective_depths(labels: list[_depths.Depth], normalize_depth: bool) -> dict[int, float]:
-  """Depth d (or d / max depth) for each distinct layer depth."""
-  distinct = sorted({d for label in labels for d in _depths.valid_depths(label)})
-  deepest = max(distinct, default=0)
-  scale = 1.0 / deepest if normalize_depth and deepest > 0 else 1.0
-  return {d: d * scale for d in distinct}
+def _effective_depths(d: jax.Array, top: jax.Array, reverse: bool, normalize: bool) -> jax.Array:
+  """Depth d of every slice as float32, with `top` the deepest depth of the tree.
+
+  From the output with `reverse`, d / top with `normalize`; -1 (not a layer)
+  stays negative.
+  """
+  d = jnp.where(d >= 0, top - d, -1) if reverse else d
+  eff = d.astype(jnp.float32)
+  if normalize:
+    eff = eff / jnp.maximum(top, 1).astype(jnp.float32)
+  return eff
 
 
 def depth_decay(
@@ -81,49 +91,50 @@ def depth_decay(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Multiplies each layer's update by a factor that decays with its depth.
 
-  .. math::
+  $$
+  u_d \leftarrow D_\gamma(d) \, u_d, \qquad
+  D_\gamma(d) = (1 - \gamma)^d \ \text{(linear, eq. 2)} \quad\text{or}\quad
+  e^{-\gamma d} \ \text{(exponential, eq. 3)}
+  $$
 
-    u_d \leftarrow D_\gamma(d) \, u_d, \qquad
-    D_\gamma(d) = (1 - \gamma)^d \ \text{(linear, eq. 2)} \quad\text{or}\quad
-    e^{-\gamma d} \ \text{(exponential, eq. 3)}
+  with $d$ the layer's depth (0 at the input; at the output with
+  ``reverse=True``), or $d / d_{\max}$ with ``normalize_depth=True`` (then $D$
+  falls from 1 to $D_\gamma(1)$ across the whole network, whatever its depth).
 
-  with ``d`` the layer's depth (0 at the input; at the output with
-  ``reverse=True``), or ``d / max depth`` with ``normalize_depth=True``. The
-  paper's linear gamma = 0.5 halves the update at every layer: on a 50-layer
-  net the last layers' updates are 2^-50 smaller than the first, so that value
-  only makes sense on a shallow net or with ``normalize_depth=True`` (then
-  ``D`` falls from 1 to 1 - gamma across the whole network).
+  Placed *after* the optimizer it scales each layer's step: a per-layer
+  learning rate. With ``reverse=True`` that is the layer-wise learning-rate
+  decay (LLRD) used to fine-tune transformers: the head learns at the full
+  rate and the layer $k$ below it at $e^{-\gamma k}$. Placed *before* an
+  adaptive optimizer (Adam) it mostly cancels; before SGD it is the rule of
+  Kwiatkowski & Chang (eq. 1, see `depth_normalized`).
 
-  Where the factor goes matters. Placed *after* the optimizer it scales each
-  layer's step, a per-layer learning rate. Placed *before* an adaptive
-  optimizer (Adam, RMSProp, ...) it is mostly cancelled, since those divide
-  by a running gradient scale; before SGD it is the paper's rule (eq. 1, see
-  `depth_normalized`).
-
-  With ``reverse=True`` and exponential decay, after the optimizer, this is the
-  layer-wise learning-rate decay (LLRD) used to fine-tune transformers: the
-  head learns at the full rate and layer ``k`` below it at ``exp(-gamma)^k``.
+  Depths are resolved once, from the tree given to `init`, and kept in the
+  state: pass `init` the tree that knows the layer order (the dict an unjitted
+  ``model.init`` returns, an Equinox module) or pass ``depths=``.
 
   Args:
-    gamma: the decay rate gamma >= 0 (<= 1 for linear): a number or an optax
-      schedule of the step count. Works under `optax.inject_hyperparams`.
+    gamma: the decay rate $\gamma \ge 0$ ($\le 1$ for linear): a number or
+      an optax schedule of the step count. Works under
+      `optax.inject_hyperparams`.
     decay: ``"exponential"`` (default), ``"linear"`` or a callable
       ``decay(gamma, d) -> factor`` that takes float32 arrays (``d`` holds the
       depths of all layers at once). Under `optax.inject_hyperparams` list a
       callable in ``static_args=("decay",)``, or it is taken for a schedule.
-    depths: ``None`` (labels from the updates' paths at trace time, see
-      `layer_depths`), a rule for `layer_depths`, or a precomputed pytree
-      (from `layer_depths` or `infer_depths`). A `StackedDepth` leaf gets one
-      factor per slice, broadcast along its stack axis; a leaf labelled -1
-      (not a layer, or unused in `infer_depths`) is left alone.
+    depths: ``None`` (the order of the tree given to `init`, see
+      `layer_depths`), a rule for `layer_depths`, an NNX module, or a
+      precomputed pytree (from `layer_depths` or `infer_depths`). A
+      `StackedDepth` leaf gets one factor per slice, broadcast along its stack
+      axis; a leaf labelled -1 (not a layer, or unused in `infer_depths`) is
+      left alone.
     reverse: count depth from the output layer.
-    normalize_depth: use ``d / max depth`` (in [0, 1]) instead of ``d``.
+    normalize_depth: use $d / d_{\max}$ (in [0, 1]) instead of $d$.
     stack_axis: leaves that hold several layers along one axis, see
       `layer_depths`. Under `optax.inject_hyperparams` list a callable in
       ``static_args``.
 
   Returns:
-    An `optax.GradientTransformationExtraArgs`; its state counts steps.
+    An `optax.GradientTransformationExtraArgs`; its state is a
+    `DepthDecayState`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -136,12 +147,10 @@ def depth_decay(
     [1.0, 0.5, 0.25]
 
     Layer-wise learning-rate decay for fine-tuning (factor 0.9 per layer below
-    the head), with depths checked once on the init params:
+    the head):
 
     >>> import math
-    >>> depths = odn.layer_depths(params, reverse=True)
-    >>> llrd = optax.chain(optax.adamw(1e-4),
-    ...                    odn.depth_decay(-math.log(0.9), depths=depths))
+    >>> llrd = optax.chain(optax.adamw(1e-4), odn.depth_decay(-math.log(0.9), reverse=True))
     >>> state = llrd.init(params)
     >>> updates, state = llrd.update(params, state, params)
     >>> ratio = updates["layer_0"]["w"] / updates["layer_2"]["w"]
@@ -150,43 +159,29 @@ def depth_decay(
 
   References:
     Kwiatkowski & Chang, "Gradient normalization & depth based decay for deep
-    learning" (seed 000), eq. (1)-(3).
+    learning", eq. (1)-(3).
     Clark et al., "ELECTRA", 2020 (layer-wise learning-rate decay),
     https://arxiv.org/abs/2003.10555
   """
   _check_args(gamma, decay)
-  _depths._check_stack_axis_type(stack_axis)
+  _depths.check_stack_axis_type(stack_axis)
   decay_fn = _DECAY_FNS[decay] if isinstance(decay, str) else decay
-  depth_spec = depths
 
   def init_fn(params: Any) -> DepthDecayState:
-    del params
-    return DepthDecayState(count=jnp.zeros([], jnp.int32))
+    stored, _ = _layers.init_depths(params, depths, stack_axis)
+    return DepthDecayState(count=jnp.zeros([], jnp.int32), depths=stored)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    labels = _depths.leaf_depths(updates, depth_spec, stack_axis)
-    if reverse:
-      labels = _depths.reverse_labels(labels)
-    effective = _effective_depths(labels, normalize_depth)
+    leaves, treedef, found = _layers.read(updates, state.depths)
     g = gamma(state.count) if callable(gamma) else gamma
-    d = jnp.asarray(list(effective.values()), jnp.float32)
-    factors = decay_fn(jnp.asarray(g).astype(jnp.float32), d)
-    position = {depth: i for i, depth in enumerate(effective)}
-    position[_depths.NOT_A_LAYER] = -1
-
-    def scaled(x: Any, label: _depths.Depth) -> Any:
-      if not _tree.is_float_leaf(x) or label == _depths.NOT_A_LAYER:
-        return x
-      if isinstance(label, _depths.StackedDepth):
-        f = _tree.block_values(factors, [position[k] for k in label.depths])
-        return _tree.scale_leaf(x, _tree.along(f, label.axis, x.ndim))
-      return _tree.scale_leaf(x, factors[position[label]])
-
-    leaves, treedef = _tree.flatten(updates)
-    out = [scaled(x, label) for (_, x), label in zip(leaves, labels)]
-    new_state = DepthDecayState(count=optax.safe_increment(state.count))
-    return jax.tree_util.tree_unflatten(treedef, out), new_state
+    d = _layers.concat([leaf.depth for leaf in found]).astype(jnp.int32)
+    eff = _effective_depths(d, _layers.deepest(state.depths), reverse, normalize_depth)
+    factors = jnp.where(eff >= 0, decay_fn(jnp.asarray(g).astype(jnp.float32), eff), 1)
+    for leaf, f in zip(found, _layers.split(factors, [leaf.depth for leaf in found])):
+      leaves[leaf.index] = _tree.scale_leaf(leaves[leaf.index], f)
+    new_state = DepthDecayState(count=optax.safe_increment(state.count), depths=state.depths)
+    return jax.tree_util.tree_unflatten(treedef, leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -204,11 +199,11 @@ def depth_normalized(
   normalize_depth: bool = False,
   stack_axis: _depths.StackAxis = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Seed 000's whole rule: normalize each block, then decay it with depth.
+  r"""Kwiatkowski & Chang's whole rule: normalize each block, then decay it with depth.
 
-  .. math::
-
-    g_d \leftarrow N \, D_\gamma(d) \, \frac{g_d}{\|g_d\|}
+  $$
+  g_d \leftarrow N \, D_\gamma(d) \, \frac{g_d}{\|g_d\|}
+  $$
 
   so that ``optax.chain(depth_normalized(gamma), optax.sgd(lr))`` is eq. (1):
   ``w_d <- w_d - lr N D_gamma(d) g_d / ||g_d||``. It is
@@ -242,7 +237,7 @@ def depth_normalized(
 
   References:
     Kwiatkowski & Chang, "Gradient normalization & depth based decay for deep
-    learning" (seed 000), eq. (1)-(3).
+    learning", eq. (1)-(3).
   """
   return optax.chain(
     _normalize.layerwise_normalize(

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 from jax.extend import core as jcore
 
-from optax_depthnorm import _depths, _tree
+from optax_depthnorm import _depths, _order, _tree
 
 UNUSED = _depths.NOT_A_LAYER
 
@@ -325,10 +325,10 @@ def infer_depths(
   parameter to data: a matmul (``dot_general``, hence ``einsum`` too), a
   convolution, or a table lookup (``gather`` of an embedding). Then
 
-  .. math::
-
-    \mathrm{depth}(W) = \max_{x \in \mathrm{data\ inputs\ of\ the\ op}} \mathrm{depth}(x),
-    \qquad \mathrm{depth}(\mathrm{out}) = \mathrm{depth}(W) + 1
+  $$
+  \mathrm{depth}(W) = \max_{x \in \mathrm{data\ inputs\ of\ the\ op}} \mathrm{depth}(x),
+  \qquad \mathrm{depth}(\mathrm{out}) = \mathrm{depth}(W) + 1
+  $$
 
   so the first layer is at depth 0, as in `layer_depths`, and a Dense MLP gets
   the same labels from both. Operations that consume no parameter (add, the
@@ -465,5 +465,5 @@ def _warn_unused(params: Any, unused: list[int]) -> None:
     f"They get depth {UNUSED} and every transform leaves them alone; if they are used in "
     "another mode (train=True, another method), trace that one.",
     UnusedParamWarning,
-    stacklevel=_depths._caller_stacklevel(),
+    stacklevel=_order.caller_stacklevel(),
   )

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_depthnorm import _depths, _tree
+from optax_depthnorm import _depths, _layers, _reduce, _tree
 
 Target = Union[float, jax.Array, str, Callable[[Any, Any], jax.Array]]
 TARGETS = ("last_layer", "last_layer_weights")
@@ -37,84 +36,73 @@ def _check_args(target: Target, norm: str, eps: Any, group: str) -> None:
     raise ValueError(f"eps must be a positive number, got {eps!r}.")
 
 
-def _last_layer_norm(tree: Any, labels: list[_depths.Depth], norm: str, what: str) -> jax.Array:
-  """The block norm of all float leaves (and slices) of the deepest layer of `tree`."""
-  leaves = [x for _, x in _tree.flatten(tree)[0]]
-  deepest = _depths.deepest(labels)
-  block = []
-  for x, label in zip(leaves, labels):
-    if not _tree.is_float_leaf(x):
-      continue
-    if isinstance(label, _depths.StackedDepth):
-      index = [i for i, d in enumerate(label.depths) if d == deepest]
-      if index:
-        block.append(jnp.take(x, np.asarray(index), axis=label.axis))
-    elif label == deepest:
-      block.append(x)
-  if not block:
+class LayerwiseNormalizeState(NamedTuple):
+  """State of `layerwise_normalize`: the depth of every leaf, resolved at `init`.
+
+  ``depths`` maps each parameter leaf's ``'/'``-joined path to an int32 array
+  (its depth; per-slice depths for a stacked leaf; -1: left alone).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_depthnorm as odn
+    >>> params = {"Dense_0": {"kernel": jnp.ones(2)}, "Dense_1": {"kernel": jnp.ones(2)}}
+    >>> odn.layerwise_normalize().init(params).depths
+    {'Dense_0/kernel': Array(0, dtype=int32), 'Dense_1/kernel': Array(1, dtype=int32)}
+  """
+
+  depths: Any  # dict[str, int32 array], see `_layers`
+
+
+def _check_last_layer(target: Target, stored: dict[str, np.ndarray], tree: Any) -> None:
+  """At init: a ``last_layer`` target needs a floating leaf in the deepest layer."""
+  if not isinstance(target, str) or not stored:
+    return
+  floats = {_tree.path_name(p) for p, x in _tree.flatten(tree)[0] if _tree.is_float_leaf(x)}
+  deepest = max(int(np.max(d)) for d in stored.values())
+  if deepest >= 0 and not any(n in floats and np.any(d == deepest) for n, d in stored.items()):
+    what = "" if target == "last_layer" else "_weights"
     raise ValueError(
       f"target='last_layer{what}' needs the final layer (depth {deepest}), but none of "
       "its leaves is a floating array here (masked out, or no parameters at all)."
     )
-  return _tree.block_norm(block, norm)
 
 
-def _target_value(target: Target, updates: Any, params: Any, labels: Any, norm: str) -> Any:
+def _deepest_norm(tree: Any, stored: _layers.Depths, norm: str) -> jax.Array:
+  """The norm of the deepest layer of `tree` (all its leaves and slices together)."""
+  _, _, found = _layers.read(tree, stored)
+  sums = [_layers.leaf_sums(x, leaf.depth) for x, leaf in zip(_floats(tree, found), found)]
+  d = _layers.concat([leaf.depth for leaf in found])
+  ids = jnp.where(d == jnp.max(d), 0, -1)
+  return _reduce.norm(_layers.layer_sums(sums, ids, 1), norm)[0]
+
+
+def _floats(tree: Any, found: list[_layers.Leaf]) -> list[jax.Array]:
+  leaves = [x for _, x in _tree.flatten(tree)[0]]
+  return [leaves[leaf.index] for leaf in found]
+
+
+def _target_value(target: Target, updates: Any, params: Any, stored: Any, norm: str) -> Any:
   if isinstance(target, str) and target == "last_layer":
-    return _last_layer_norm(updates, labels(updates), norm, "")
+    return _deepest_norm(updates, stored, norm)
   if isinstance(target, str):
     if params is None:
       raise ValueError(NO_PARAMS_MSG)
-    return _last_layer_norm(params, labels(params), norm, "_weights")
+    return _deepest_norm(params, stored, norm)
   if callable(target):
     return target(updates, params)
   return target
 
 
-def _blocks(leaves: list[Any], labels: list[Any] | None, group: str) -> list[list[int]]:
-  """Indices of the flattened float leaves, grouped into blocks normalized together."""
-  floats = [i for i, x in enumerate(leaves) if _tree.is_float_leaf(x)]
-  if labels is not None:  # a float leaf labelled -1 (unused in `infer_depths`) is left alone
-    floats = [i for i in floats if labels[i] != _depths.NOT_A_LAYER]
+def _block_norms(leaves: list[Any], found: list[_layers.Leaf], group: str, norm: str) -> list:
+  """The norm of each leaf's block, shaped like its depth (per slice for stacks)."""
+  sums = [_layers.leaf_sums(leaves[leaf.index], leaf.depth) for leaf in found]
   if group == "leaf":
-    return [[i] for i in floats]
-  by_depth: dict[int, list[int]] = defaultdict(list)
-  for i in floats:
-    by_depth[labels[i]].append(i)
-  return list(by_depth.values())
-
-
-def stacked_pieces(leaves: list[Any], labels: list[Any], group: str) -> tuple[list, int]:
-  """Blocks of a tree with stacked leaves, as `_tree.segment_norms` pieces.
-
-  ``group="leaf"``: each whole leaf and each slice of a stacked leaf is a block;
-  ``"layer"``: each depth (slices of one depth across leaves join). Returns the
-  pieces ``(leaf index, axis, ids)`` and the number of blocks.
-  """
-  ids: dict[Any, int] = {}
-  pieces = []
-  for i, (x, label) in enumerate(zip(leaves, labels)):
-    if not _tree.is_float_leaf(x) or label == _depths.NOT_A_LAYER:
-      continue
-    stacked = isinstance(label, _depths.StackedDepth)
-    depths = label.depths if stacked else (label,)
-    keys = [(i, k) for k in range(len(depths))] if group == "leaf" else list(depths)
-    block = [
-      ids.setdefault(k, len(ids)) if d != _depths.NOT_A_LAYER else -1 for k, d in zip(keys, depths)
-    ]
-    pieces.append((i, label.axis if stacked else None, np.asarray(block) if stacked else block[0]))
-  return pieces, len(ids)
-
-
-def _normalize_stacked(leaves, labels, group, n, norm, eps) -> list[Any]:
-  pieces, count = stacked_pieces(leaves, labels, group)
-  norms = _tree.segment_norms([(leaves[i], a, ids) for i, a, ids in pieces], count, norm)
-  factors = _tree.safe_ratio(n, norms, eps)
-  out = list(leaves)
-  for i, axis, ids in pieces:
-    f = _tree.block_values(factors, ids) if axis is not None else factors[ids]
-    out[i] = _tree.scale_leaf(leaves[i], _tree.along(f, axis, leaves[i].ndim))
-  return out
+    return [_reduce.norm(s, norm) for s in sums]
+  d = _layers.concat([leaf.depth for leaf in found])
+  ids = jnp.searchsorted(jnp.sort(d), d)  # one id per distinct depth
+  ids = jnp.where(d >= 0, ids, -1)
+  norms = _reduce.norm(_layers.layer_sums(sums, ids, d.shape[0]), norm)
+  return _layers.per_leaf(norms, ids, found)
 
 
 def layerwise_normalize(
@@ -128,56 +116,49 @@ def layerwise_normalize(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Divides each block of the gradient by its norm and multiplies it by N.
 
-  .. math::
+  $$
+  g_b \leftarrow N \, \frac{g_b}{\max(\|g_b\|, \epsilon)}
+  $$
 
-    g_b \leftarrow N \, \frac{g_b}{\max(\|g_b\|, \epsilon)}
-
-  where a block ``b`` is one leaf (``group="leaf"``, e.g. a kernel) or one layer
+  where a block $b$ is one leaf (``group="leaf"``, e.g. a kernel) or one layer
   (``group="layer"``: all leaves of one depth, e.g. kernel and bias, share one
   norm). This is the block-normalized gradient of Yu et al. (2017) and the
-  ``N(w) / ||.||`` factor of seed 000, eq. (1).
-
-  Seed 000's eq. (1) literally divides by ``||w_dj||``, the weights of element
-  ``j``; its text says it normalizes the *gradients*, per layer, so we divide by
-  the gradient's block norm (dividing a single element by itself would give
-  sign-SGD). The seed names two targets N: "normalization to 1" and "to the L2
-  norm of the weights of the final layer" (sec. 1.1), and in its conclusion "the
-  norm of the gradient of the final layer". Both are offered:
-  ``target="last_layer"`` is the final layer's *gradient* norm and
-  ``target="last_layer_weights"`` the final layer's *weight* norm (all its
-  float leaves together, kernel and bias).
+  $N(w) / \|g\|$ factor of eq. (1) of Kwiatkowski & Chang. N is 1, the norm of
+  the final layer's gradient (``target="last_layer"``), the norm of its weights
+  (``"last_layer_weights"``), or any function of the updates and params
+  (docs/methods/layerwise_normalize.md explains these readings of the paper).
 
   A zero block stays zero (never NaN); a NaN or Inf in a block shows in the
-  output (it is not hidden). Norms are computed in float32 (float64 for float64
-  leaves) and the output keeps each leaf's dtype. Leaves that are not floating
-  arrays pass through untouched.
-
-  Before an adaptive optimizer (Adam, RMSProp) a per-block rescale of the
-  gradient mostly cancels out in the optimizer's own normalization; the paper
-  uses it with SGD.
+  output. Norms are computed in float32 (float64 for float64 leaves) without
+  overflow or underflow (a block of 1e-30 or of 1e30 per entry normalizes to
+  norm N), and the output keeps each leaf's dtype. Leaves that are not floating
+  arrays, and leaves at depth -1, pass through untouched. Before an adaptive
+  optimizer (Adam) a per-block rescale mostly cancels: the paper uses SGD.
 
   Args:
     target: N: a non-negative number (default 1), ``"last_layer"``,
       ``"last_layer_weights"`` (needs `params` in `update`), or a callable
-      ``(updates, params) -> scalar`` (the paper's general N(w)). Under
-      `optax.inject_hyperparams` list a callable target in `static_args`.
+      ``(updates, params) -> scalar``. Under `optax.inject_hyperparams` list a
+      callable target in `static_args`.
     norm: the block norm: ``"l2"`` (the paper's), ``"l1"``, ``"max"`` or
-      ``"rms"`` (root mean square, sqrt(mean g^2)).
+      ``"rms"`` (root mean square, $\sqrt{\mathrm{mean}\, g^2}$).
     eps: blocks with a norm below eps are divided by eps instead (so they are
       scaled up by at most N / eps).
     group: ``"leaf"`` or ``"layer"``.
-    depths: what defines the layers (for ``group="layer"`` and the
-      ``last_layer`` targets): ``None`` (labels from the updates' paths, see
-      `layer_depths`), a rule, or a pytree from `layer_depths` or
-      `infer_depths`. A leaf labelled with a `StackedDepth` holds one layer
-      per slice: each slice is normalized on its own (``group="leaf"``) or
-      with the leaves of its depth (``"layer"``), in one vectorized pass.
+    depths: what defines the layers (for ``group="layer"``, the ``last_layer``
+      targets and stacked leaves): ``None`` (the order of the tree given to
+      `init`, see `layer_depths`), a rule, an NNX module, or a pytree from
+      `layer_depths` or `infer_depths`. Resolved once, at `init`, and kept in
+      the state. A leaf labelled with a `StackedDepth` holds one layer per
+      slice: each slice is normalized on its own (``group="leaf"``) or with the
+      leaves of its depth (``"layer"``), in one vectorized pass.
     stack_axis: leaves that hold several layers along one axis (``nn.scan``),
-      see `layer_depths`; or carry them in `depths`. Under
-      `optax.inject_hyperparams` list a callable in ``static_args``.
+      see `layer_depths`. Under `optax.inject_hyperparams` list a callable in
+      ``static_args``.
 
   Returns:
-    An `optax.GradientTransformationExtraArgs` with an empty state.
+    An `optax.GradientTransformationExtraArgs`; its state is a
+    `LayerwiseNormalizeState`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -193,34 +174,26 @@ def layerwise_normalize(
 
   References:
     Kwiatkowski & Chang, "Gradient normalization & depth based decay for deep
-    learning" (seed 000), eq. (1).
+    learning", eq. (1).
     Yu et al., "Block-normalized gradient method: an empirical study for training
     deep neural network", 2017, https://arxiv.org/abs/1707.04822
   """
   _check_args(target, norm, eps, group)
-  _depths._check_stack_axis_type(stack_axis)
+  _depths.check_stack_axis_type(stack_axis)
 
-  def init_fn(params: Any) -> optax.EmptyState:
-    del params
-    return optax.EmptyState()
-
-  labels = lambda tree: _depths.leaf_depths(tree, depths, stack_axis)
-  # Stacks can only come from a depth pytree or `stack_axis`: otherwise "leaf" needs no labels.
-  may_stack = stack_axis is not None or not (depths is None or _depths._is_rule(depths))
+  def init_fn(params: Any) -> LayerwiseNormalizeState:
+    stored, resolved = _layers.init_depths(params, depths, stack_axis)
+    _check_last_layer(target, resolved, params)
+    return LayerwiseNormalizeState(depths=stored)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    n = _target_value(target, updates, params, labels, norm)
-    leaves, treedef = _tree.flatten(updates)
-    leaves = [x for _, x in leaves]
-    found = labels(updates) if group == "layer" or may_stack else None
-    if found is not None and any(isinstance(d, _depths.StackedDepth) for d in found):
-      leaves = _normalize_stacked(leaves, found, group, n, norm, eps)
-      return jax.tree_util.tree_unflatten(treedef, leaves), state
-    for block in _blocks(leaves, found, group):
-      factor = _tree.safe_ratio(n, _tree.block_norm([leaves[i] for i in block], norm), eps)
-      for i in block:
-        leaves[i] = _tree.scale_leaf(leaves[i], factor)
+    n = _target_value(target, updates, params, state.depths, norm)
+    leaves, treedef, found = _layers.read(updates, state.depths)
+    for leaf, block in zip(found, _block_norms(leaves, found, group, norm)):
+      alone = leaf.depth < 0
+      inverse = jnp.where(alone, 1, _tree.safe_ratio(1, block, eps))
+      leaves[leaf.index] = _tree.scale_leaf(leaves[leaf.index], inverse, jnp.where(alone, 1, n))
     return jax.tree_util.tree_unflatten(treedef, leaves), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

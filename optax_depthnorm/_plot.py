@@ -11,7 +11,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from optax_depthnorm import _flow
+from optax_depthnorm import _report, _track
 
 MAX_NAMED_LAYERS = 16
 STAT_LABELS = {
@@ -23,7 +23,7 @@ STAT_LABELS = {
   "ratio": "norm / weight norm",
 }
 _STYLES = {"mean_abs": "-", "max_abs": "--", "norm": "-", "rms": "-."}
-Reports = Union[_flow.FlowReport, Sequence[_flow.FlowReport], Mapping[str, _flow.FlowReport]]
+Reports = Union[_report.FlowReport, Sequence[_report.FlowReport], Mapping[str, _report.FlowReport]]
 
 
 def _pyplot() -> Any:
@@ -43,7 +43,7 @@ def _check_stat(stat: str) -> None:
 
 def _runs(reports: Reports, labels: Sequence[str] | None) -> list[tuple[str | None, Any]]:
   """(label, report) pairs; label None for a single unlabelled report."""
-  if isinstance(reports, _flow.FlowReport):
+  if isinstance(reports, _report.FlowReport):
     runs: list[tuple[str | None, Any]] = [(None, reports)]
   elif isinstance(reports, Mapping):
     runs = [(str(k), v) for k, v in reports.items()]
@@ -61,7 +61,7 @@ def _runs(reports: Reports, labels: Sequence[str] | None) -> list[tuple[str | No
   if not runs:
     raise ValueError("no report to plot.")
   for label, report in runs:
-    if not isinstance(report, _flow.FlowReport):
+    if not isinstance(report, _report.FlowReport):
       raise TypeError(f"{label or 'report'} is a {type(report).__name__}, not a FlowReport.")
     if np.ndim(report.norm) != 1:
       raise ValueError(
@@ -134,7 +134,7 @@ def plot_gradient_flow(
     (2, 'log')
 
   References:
-    Seed 002, figs. 2-3 (gradient flow of VGG08 and VGG38).
+    "Analysis of vanishing gradient problem" (the VGG08/VGG38 report), figs. 2-3.
   """
   for stat in stats:
     _check_stat(stat)
@@ -205,7 +205,7 @@ def plot_flow_heatmap(
     >>> import jax, jax.numpy as jnp
     >>> import optax
     >>> import optax_depthnorm as odn
-    >>> params = {"a": {"w": jnp.ones(2)}, "b": {"w": jnp.ones(2)}}
+    >>> params = {"Dense_0": {"w": jnp.ones(2)}, "Dense_1": {"w": jnp.ones(2)}}
     >>> opt = optax.chain(odn.track_gradient_flow(history=8), optax.sgd(0.1))
     >>> state = opt.init(params)
     >>> for _ in range(3):
@@ -215,10 +215,10 @@ def plot_flow_heatmap(
     (3, 2)
   """
   _check_stat(stat)
-  if isinstance(source, _flow.FlowReport):
+  if isinstance(source, _report.FlowReport):
     report = source
   else:
-    report = _flow.flow_from_state(source, params, depths=depths, history=True)
+    report = _track.flow_from_state(source, params, depths=depths, history=True)
   values = getattr(report, stat)
   if values is None or np.ndim(values) != 2:
     raise ValueError(

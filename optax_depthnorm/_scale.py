@@ -15,9 +15,10 @@ from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from optax_depthnorm import _depths, _tree
+from optax_depthnorm import _depths, _layers, _reduce, _stack, _tree
 
 MODES = ("data", "probe", "determinant")
 _DEFAULT_PROBES = 16
@@ -41,7 +42,10 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class ScaleNormalizeState(NamedTuple):
-  """State of `scale_normalize`: the step count and the probes' PRNG key.
+  """State of `scale_normalize`: the step count, the probes' PRNG key and the depths.
+
+  ``depths`` (by leaf path, resolved at `init`) tells which weights stack
+  layers (per-slice depths) and which are left alone (-1).
 
   Example:
     >>> import jax.numpy as jnp
@@ -53,6 +57,7 @@ class ScaleNormalizeState(NamedTuple):
 
   count: jax.Array  # int32 scalar
   key: jax.Array  # uint32 key data (`jax.random.key_data`); moves only in mode="probe"
+  depths: Any  # dict[str, int32 array], see `_layers`
 
 
 def _check_args(mode: str, kernel_layout: str, fan_in_axes: Any, num_probes: Any) -> None:
@@ -93,7 +98,7 @@ def _check_numbers(every_k_steps: Any, first_n_steps: Any, eps: Any) -> None:
 
 def _normalize_axes(axes: AxesSpec, ndim: int, name: str) -> tuple[int, ...]:
   axes = (axes,) if isinstance(axes, int) else tuple(axes)
-  if not axes or any(_depths._as_index(a) is None or not -ndim <= a < ndim for a in axes):
+  if not axes or any(_stack.as_index(a) is None or not -ndim <= a < ndim for a in axes):
     raise ValueError(
       f"fan_in_axes gave {axes!r} for the weight at {name!r} of rank {ndim}; give a non-empty "
       f"tuple of axes in [-{ndim}, {ndim})."
@@ -194,8 +199,8 @@ def mean_scale(m: jax.Array, x: jax.Array) -> jax.Array:
   Rows of norm zero carry no direction and are left out of the mean; if all
   are zero the scale is 0 (so the matrix is left alone).
   """
-  out_norms = jnp.linalg.norm(jnp.matmul(x, m, precision=_HIGHEST), axis=-1)
-  in_norms = jnp.linalg.norm(x, axis=-1)
+  out_norms = _reduce.vector_norm(jnp.matmul(x, m, precision=_HIGHEST), axis=-1)
+  in_norms = _reduce.vector_norm(x, axis=-1)
   ratios = _tree.safe_ratio(out_norms, in_norms, 0)
   return jnp.sum(ratios) / jnp.maximum(jnp.sum(in_norms > 0), 1).astype(ratios.dtype)
 
@@ -306,14 +311,16 @@ def scale_normalize(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales each new weight matrix to scale 1: scale or determinant normalization.
 
-  .. math::
+  $$
+  W^* = W + u, \qquad u \leftarrow \frac{W^*}{c} - W
+  \quad\text{so that}\quad W + u = \frac{W^*}{c} \quad (1, 3)
+  $$
 
-    W^* = W + u, \qquad u \leftarrow \frac{W^*}{c} - W
-    \quad\text{so that}\quad W + u = \frac{W^*}{c} \quad (1, 3)
-
-    c_\text{data} = \frac{1}{B} \sum_{b=1}^{B} \frac{\|W^{*T} x_b\|_2}{\|x_b\|_2} \ (2, 3),
-    \qquad
-    c_\text{det} = \Big(\prod_{i=1}^{k} \sigma_i(W^*)\Big)^{1/k} \ (1)
+  $$
+  c_\text{data} = \frac{1}{B} \sum_{b=1}^{B} \frac{\|W^{*T} x_b\|_2}{\|x_b\|_2} \ (2, 3),
+  \qquad
+  c_\text{det} = \Big(\prod_{i=1}^{k} \sigma_i(W^*)\Big)^{1/k} \ (1)
+  $$
 
   where ``u`` is the optimizer's update, ``W^*`` is read as a (fan_in, fan_out)
   matrix and ``sigma_1..k`` are its nonzero singular values. Place it *after*
@@ -398,9 +405,10 @@ def scale_normalize(
       the benefit early in training); None for always.
     eps: scales at or below eps are treated as 1 (the weight is left alone).
     key: seed (int) or PRNG key for the probes.
-    depths: read only for its stacked leaves (a pytree from `infer_depths` or
-      `layer_depths` whose `StackedDepth` leaves mark weights that hold one
-      layer per slice); no other depth matters here.
+    depths: read (at `init`) only for its stacked leaves (a pytree from
+      `infer_depths` or `layer_depths` whose `StackedDepth` leaves mark weights
+      that hold one layer per slice) and for leaves at depth -1, which are left
+      alone; no other depth matters here.
     stack_axis: weights that hold several layers along one axis (``nn.scan``),
       see `layer_depths`. Each slice is a weight matrix of its own, scaled by
       its own ``c`` (computed for all slices at once with `jax.vmap`); its
@@ -437,33 +445,30 @@ def scale_normalize(
      [0.     0.1176]]
 
   References:
-    Lo, Amaral & Ding, "Scale Normalization", 2016 (seed 004), sec. 2-3,
+    Lo, Amaral & Ding, "Scale Normalization", 2016, sec. 2-3,
     eq. (1)-(3). https://arxiv.org/abs/1604.07796
   """
   _check_args(mode, kernel_layout, fan_in_axes, num_probes)
   _check_numbers(every_k_steps, first_n_steps, eps)
-  _depths._check_stack_axis_type(stack_axis)
+  _depths.check_stack_axis_type(stack_axis)
   num_probes = _DEFAULT_PROBES if num_probes is None else num_probes
 
   def init_fn(params: Any) -> ScaleNormalizeState:
-    del params
-    return ScaleNormalizeState(count=jnp.zeros([], jnp.int32), key=_init_key(key))
+    stored, _ = _layers.init_depths(params, depths, stack_axis)
+    return ScaleNormalizeState(count=jnp.zeros([], jnp.int32), key=_init_key(key), depths=stored)
 
-  may_stack = stack_axis is not None or not (depths is None or _depths._is_rule(depths))
-
-  def stacks(updates: Any) -> list[int | None]:
-    if not may_stack:
-      return [None] * len(_tree.flatten(updates)[0])
-    labels = _depths.leaf_depths(updates, depths, stack_axis)
-    return [d.axis if isinstance(d, _depths.StackedDepth) else None for d in labels]
-
-  def weights(updates: Any, params: Any) -> list[tuple[int, str, str, tuple[int, ...], Any, Any]]:
+  def weights(updates: Any, params: Any, stored: Any) -> list[tuple]:
     """(leaf index, path, layer path, fan-in axes, param, stack axis) of each weight matrix."""
     by_name = {_tree.path_name(p): x for p, x in _tree.flatten(params)[0]}
+    paths = [p for p, _ in _tree.flatten(updates)[0]]
+    leaves, _, found = _layers.read(updates, stored)
     names, out = [], []
-    for i, ((path, u), stack) in enumerate(zip(_tree.flatten(updates)[0], stacks(updates))):
-      name, layer = _tree.path_name(path), "/".join(_depths._layer_key(path))
+    for leaf in found:
+      u, path = leaves[leaf.index], paths[leaf.index]
+      name, layer = leaf.name, _depths.layer_name(path)
       names.append((name, layer))
+      keep = _layers.keep_axes(leaf.depth)
+      stack = keep[0] if keep else None
       one = u if stack is None else jax.ShapeDtypeStruct(_drop(u.shape, stack), u.dtype)
       axes = _fan_in(fan_in_axes, kernel_layout, name, layer, one)
       if axes is None:
@@ -474,7 +479,7 @@ def scale_normalize(
           f"params at {name!r} is {getattr(w, 'shape', w)!r} but its update has shape "
           f"{u.shape}: pass the params the updates are for."
         )
-      out.append((i, name, layer, axes, w, stack))
+      out.append((leaf.index, name, layer, axes, w, stack, leaf.depth))
     _check_mapping_keys(fan_in_axes, names)
     return out
 
@@ -483,14 +488,14 @@ def scale_normalize(
       raise ValueError(NO_PARAMS_MSG)
     leaves, treedef = _tree.flatten(updates)
     leaves = [x for _, x in leaves]
-    found = weights(updates, params)
+    found = weights(updates, params, state.depths)
     inputs = _flat_inputs(extra_args.get("layer_inputs")) if mode == "data" else None
     new_key = state.key
     if mode == "probe":
       new_key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
       new_key = jax.random.key_data(new_key)
     mats, xs = [], []
-    for i, name, layer, axes, w, stack in found:
+    for i, name, layer, axes, w, stack, _ in found:
       dtype = _tree.acc_dtype(leaves[i].dtype, w.dtype)
       new = w.astype(dtype) + leaves[i].astype(dtype)  # W*
       if stack is None:
@@ -517,11 +522,12 @@ def scale_normalize(
       cs = scales()
     else:
       cs = jax.lax.cond(active, scales, lambda: [jnp.ones(m.shape[:-2], m.dtype) for m in mats])
-    for (i, _, _, _, w, stack), c in zip(found, cs):
+    for (i, _, _, _, w, _, depth), c in zip(found, cs):
       keep = c <= jnp.asarray(eps).astype(c.dtype)
-      s = _tree.along(jnp.where(keep, 1, 1 / jnp.where(keep, 1, c)), stack, w.ndim)
+      s = jnp.where(keep, 1, 1 / jnp.where(keep, 1, c))
+      s = jnp.where(depth >= 0, jnp.reshape(s, np.shape(depth)), 1)
       leaves[i] = _rescaled_update(leaves[i], w, s)
-    new_state = ScaleNormalizeState(count=optax.safe_increment(state.count), key=new_key)
+    new_state = ScaleNormalizeState(optax.safe_increment(state.count), new_key, state.depths)
     return jax.tree_util.tree_unflatten(treedef, leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,17 +1,13 @@
-"""Paths, leaf tests and safe per-block norms shared by every transform.
+"""Paths, leaf tests, dtypes and the eps-safe ratio shared by every transform.
 
-Every transform in this library does three things to a pytree: flatten it with
-its paths, compute one number per block of leaves (a norm, a depth factor), and
-multiply the leaves by it. This module holds the pieces that do not depend on
-how depths are assigned.
+The layer map is in `_layers`, the one safe reduction in `_reduce`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -93,35 +89,17 @@ def check_norm(norm: str) -> None:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
 
 
-def block_norm(leaves: Sequence[jax.Array], norm: str = "l2") -> jax.Array:
-  """The norm of several leaves taken together as one vector.
+def scale_leaf(x: jax.Array, *factors: jax.Array) -> jax.Array:
+  """``x * f1 * f2 ...`` in float32 (or wider), left to right, cast back to x's dtype.
 
-  Computed in float32 (or float64 if a leaf is float64), never in bf16/f16.
-
-  Args:
-    leaves: floating arrays of any shapes.
-    norm: ``"l2"`` sqrt(sum x^2), ``"l1"`` sum |x|, ``"max"`` max |x|, or
-      ``"rms"`` sqrt(mean x^2).
-
-  Returns:
-    A scalar in the accumulation dtype.
+  Multiplying by ``1 / ||x||`` first and by a target next keeps every
+  intermediate in range where the product ``target / ||x||`` would underflow.
   """
-  dtype = acc_dtype(*(x.dtype for x in leaves))
-  xs = [x.astype(dtype) for x in leaves]
-  if norm == "max":
-    return functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in xs])
-  if norm == "l1":
-    return sum(jnp.sum(jnp.abs(x)) for x in xs)
-  total = sum(jnp.sum(jnp.square(x)) for x in xs)
-  if norm == "rms":
-    total = total / sum(x.size for x in xs)
-  return jnp.sqrt(total)
-
-
-def scale_leaf(x: jax.Array, factor: jax.Array) -> jax.Array:
-  """``x * factor`` computed in float32 (or wider) and cast back to x's dtype."""
   dtype = acc_dtype(x.dtype)
-  return (x.astype(dtype) * jnp.asarray(factor).astype(dtype)).astype(x.dtype)
+  out = x.astype(dtype)
+  for f in factors:
+    out = out * jnp.asarray(f).astype(dtype)
+  return out.astype(x.dtype)
 
 
 def safe_ratio(numerator: jax.Array, norm: jax.Array, eps: Any) -> jax.Array:
@@ -149,79 +127,3 @@ def is_concrete_number(x: Any) -> bool:
   not checked, so validation never branches on a traced value.
   """
   return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
-
-
-# ----------------------------------------------------------------------------- stacked leaves
-#
-# A leaf that holds L layers along one axis contributes one value per slice. The
-# reductions below take every such piece in one vectorized pass: a per-slice
-# reduction over the other axes, then one segment reduction that sums (or
-# maxes) the pieces of each block. No Python loop runs over the slices.
-
-Piece = tuple[jax.Array, Union[int, None], Any]  # (leaf, stack axis or None, block id(s))
-
-
-def along(v: jax.Array, axis: int | None, ndim: int) -> jax.Array:
-  """A per-slice vector shaped to broadcast along `axis` of a rank-`ndim` array."""
-  if axis is None:
-    return v
-  shape = [1] * ndim
-  shape[axis] = -1
-  return jnp.reshape(v, shape)
-
-
-def slice_reduce(x: jax.Array, axis: int | None, how: str, dtype: Any) -> jax.Array:
-  """``sum x^2`` (``"sumsq"``), ``sum |x|`` or ``max |x|`` over every axis but `axis`."""
-  x = x.astype(dtype)
-  axes = tuple(a for a in range(x.ndim) if a != axis)
-  if how == "sumsq":
-    return jnp.sum(jnp.square(x), axis=axes)
-  x = jnp.abs(x)
-  return jnp.sum(x, axis=axes) if how == "sumabs" else jnp.max(x, axis=axes)
-
-
-def segment_reduce(pieces: Sequence[Piece], n: int, how: str, dtype: Any) -> jax.Array:
-  """`slice_reduce` of every piece, summed (maxed for ``"max"``) into `n` blocks.
-
-  A piece is ``(x, axis, ids)``: a whole leaf (``axis`` None, ``ids`` one int)
-  or a stacked leaf whose slice ``i`` joins block ``ids[i]``; an id of -1 (or
-  >= n) joins no block.
-  """
-  values = [jnp.reshape(slice_reduce(x, axis, how, dtype), (-1,)) for x, axis, _ in pieces]
-  ids = np.concatenate([np.reshape(np.asarray(i, np.int32), (-1,)) for _, _, i in pieces])
-  ids = np.where((ids < 0) | (ids >= n), n, ids)
-  flat = jnp.concatenate(values) if values else jnp.zeros((0,), dtype)
-  if how == "max":
-    return jnp.maximum(jax.ops.segment_max(flat, ids, n), 0)
-  return jax.ops.segment_sum(flat, ids, n)
-
-
-def segment_sizes(pieces: Sequence[Piece], n: int) -> np.ndarray:
-  """Number of elements of each of the `n` blocks (static, from shapes)."""
-  sizes = np.zeros(n + 1, np.int64)
-  for x, axis, ids in pieces:
-    per = math.prod(x.shape) // (x.shape[axis] if axis is not None else 1)
-    flat = np.reshape(np.asarray(ids), (-1,))
-    np.add.at(sizes, np.where((flat < 0) | (flat >= n), n, flat), per)
-  return sizes[:n]
-
-
-def segment_norms(pieces: Sequence[Piece], n: int, norm: str = "l2") -> jax.Array:
-  """The norm of each of `n` blocks made of whole leaves and slices of stacked leaves.
-
-  The same norms as `block_norm` of each block's leaves, for all blocks at once.
-  """
-  dtype = acc_dtype(*(x.dtype for x, _, _ in pieces))
-  if norm in ("max", "l1"):
-    return segment_reduce(pieces, n, "max" if norm == "max" else "sumabs", dtype)
-  total = segment_reduce(pieces, n, "sumsq", dtype)
-  if norm == "rms":
-    total = total / np.maximum(segment_sizes(pieces, n), 1).astype(dtype)
-  return jnp.sqrt(total)
-
-
-def block_values(values: jax.Array, ids: Any) -> jax.Array:
-  """``values[ids]`` with 1 where an id is -1 (a slice outside every block)."""
-  ids = np.asarray(ids)
-  padded = jnp.concatenate([values, jnp.ones((1,), values.dtype)])
-  return padded[np.where(ids < 0, values.shape[0], ids)]

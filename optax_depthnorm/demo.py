@@ -2,7 +2,7 @@
 
 Run ``python -m optax_depthnorm.demo`` (or ``optax-depthnorm-demo``). It trains
 the same 10-layer sigmoid MLP on an embedded two-spirals data set with plain
-SGD, with seed 000's rule (``depth_normalized`` + SGD), with block-normalized
+SGD, with Kwiatkowski & Chang's rule (``depth_normalized`` + SGD), with block-normalized
 gradients (``layerwise_normalize`` + SGD) and with Adam, and prints how much
 smaller the first layer's gradient is than the last's at init (the vanishing
 gradient) and the loss and accuracy each optimizer reaches.

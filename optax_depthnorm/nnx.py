@@ -45,7 +45,7 @@ class BGN(nnx.Module):
     (2, 4)
 
   References:
-    Cabana & Lago-Fernández 2021 (seed 003), eq. (4)-(5).
+    Cabana & Lago-Fernández 2021, eq. (4)-(5).
   """
 
   def __init__(

@@ -21,7 +21,7 @@ TINY = ["--quick", "--rounds", "1", "--steps", "1", "--warmup", "0"]
 def test_transform_overhead_reports_every_variant(bench, tmp_path, capsys):
   result = bench("transform_overhead").main([*TINY, "--json", str(tmp_path / "r.json")])
   names = [r["variant"] for r in result["results"]]
-  assert names[0] == "adam" and len(names) == 4
+  assert names[0] == "adam" and len(names) == 5 and "track_gradient_flow+adam" in names
   assert result["results"][0]["ratio"] == 1.0
   assert result["setup"]["leaves"] == 161
   assert (tmp_path / "r.json").stat().st_size > 0

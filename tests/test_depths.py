@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import optax_depthnorm as odn
 
-FIX_WORDS = r"layer_depths\(variables\['params'\]\).*`rule=`"
+FIX_WORDS = r"depths follow sorted names.*`depths=odn\.layer_depths\(variables\['params'\]\)`"
 F32 = np.float32
 
 
@@ -197,10 +197,11 @@ def test_sorted_resnet_tree_warns_with_the_fix(resnet_variables, how):
   with pytest.warns(odn.DepthOrderWarning, match=FIX_WORDS) as record:
     depths = odn.layer_depths(tree)
   messages = [str(w.message) for w in record if w.category is odn.DepthOrderWarning]
-  assert any("'<root>'" in m and "BatchNorm, Block, Conv, Dense" in m for m in messages)
+  root = "'<root>': BatchNorm_0, Block_0, Block_1, Block_2, Conv_0, Dense_0"
+  assert any(root in m for m in messages)
   for block in ("Block_0", "Block_1", "Block_2"):
-    assert any(f"'{block}'" in m and "BatchNorm, Conv" in m for m in messages)
-  assert all("depth_table" in m and "DepthOrderWarning" in m for m in messages)
+    assert any(f"'{block}': BatchNorm_0, BatchNorm_1, Conv_0, Conv_1" in m for m in messages)
+  assert all("depth_table" in m and "infer_depths" in m for m in messages)
   # What the warning is about: the names alone put BatchNorm_0 before Conv_0.
   layers = layer_depth_map(depths)
   assert layers["BatchNorm_0"] < layers["Conv_0"]
@@ -209,7 +210,7 @@ def test_sorted_resnet_tree_warns_with_the_fix(resnet_variables, how):
 
 def test_depth_table_warns_on_sorted_tree(resnet_variables):
   grads = _sorted_copy(resnet_variables, "grad")
-  with pytest.warns(odn.DepthOrderWarning, match="rule="):
+  with pytest.warns(odn.DepthOrderWarning, match=FIX_WORDS):
     odn.depth_table(grads)
 
 
@@ -247,19 +248,24 @@ def test_order_warning_can_be_silenced(resnet_variables):
   assert len(set(jax.tree.leaves(depths))) == len(RESNET_ORDER)
 
 
-def test_single_auto_class_beside_user_names_does_not_warn():
+def test_auto_class_beside_user_names_keeps_creation_order():
   params = {
     "embed": dense(2, 2),
     "Dense_0": dense(2, 2),
     "Dense_1": dense(2, 2),
     "head": dense(2, 1),
   }
+  # Not the sorted key order: creation order, whatever the names, and no warning.
   assert layer_depth_map(odn.layer_depths(params)) == {
-    "Dense_0": 0,
-    "Dense_1": 1,
-    "embed": 2,
+    "embed": 0,
+    "Dense_0": 1,
+    "Dense_1": 2,
     "head": 3,
   }
+  # A sorted copy no longer tells where `embed` and `head` go: sorted names, with a warning.
+  with pytest.warns(odn.DepthOrderWarning, match=r"'<root>': Dense_0, Dense_1, embed, head"):
+    depths = odn.layer_depths(jax.tree.map(lambda x: x, params))
+  assert layer_depth_map(depths) == {"Dense_0": 0, "Dense_1": 1, "embed": 2, "head": 3}
 
 
 # --------------------------------------------------------------------------- plain trees
@@ -267,7 +273,17 @@ def test_single_auto_class_beside_user_names_does_not_warn():
 
 def test_nested_dict_integer_parts_compare_as_numbers():
   params = {"layers": {str(i): dense(2, 2) for i in (12, 3, 7, 100)}}
+  # As built, the dict is not in sorted key order: creation order.
   assert layer_depth_map(odn.layer_depths(params)) == {
+    "layers/12": 0,
+    "layers/3": 1,
+    "layers/7": 2,
+    "layers/100": 3,
+  }
+  # Sorted by jax ('100' < '12' < '3' < '7'), the numbers decide, without a warning.
+  sorted_params = jax.tree.map(lambda x: x, params)
+  assert list(sorted_params["layers"]) == ["100", "12", "3", "7"]
+  assert layer_depth_map(odn.layer_depths(sorted_params)) == {
     "layers/3": 0,
     "layers/7": 1,
     "layers/12": 2,
@@ -275,6 +291,12 @@ def test_nested_dict_integer_parts_compare_as_numbers():
   }
   named = {f"layers_{i}": dense(2, 2) for i in (12, 3, 20, 2)}
   assert layer_depth_map(odn.layer_depths(named)) == {
+    "layers_12": 0,
+    "layers_3": 1,
+    "layers_20": 2,
+    "layers_2": 3,
+  }
+  assert layer_depth_map(odn.layer_depths(jax.tree.map(lambda x: x, named))) == {
     "layers_2": 0,
     "layers_3": 1,
     "layers_12": 2,
@@ -284,7 +306,10 @@ def test_nested_dict_integer_parts_compare_as_numbers():
 
 def test_integer_dict_keys_are_each_a_layer():
   params = {"layers": {12: np.ones((2,), F32), 3: np.ones((2,), F32), 7: np.ones((2,), F32)}}
-  assert odn.layer_depths(params) == {"layers": {3: 0, 7: 1, 12: 2}}
+  assert odn.layer_depths(params) == {"layers": {12: 0, 3: 1, 7: 2}}  # creation order
+  sorted_params = jax.tree.map(lambda x: x, params)
+  assert list(sorted_params["layers"]) == [3, 7, 12]
+  assert odn.layer_depths(sorted_params) == {"layers": {3: 0, 7: 1, 12: 2}}
 
 
 @pytest.mark.parametrize("container", [list, tuple])
@@ -305,9 +330,18 @@ def test_list_of_dicts_is_one_layer_per_dict():
 
 def test_root_level_leaves_are_each_a_layer():
   params = {f"w{i}": np.ones((2,), F32) for i in (10, 0, 2, 1)}
-  assert odn.layer_depths(params) == {"w0": 0, "w1": 1, "w2": 2, "w10": 3}
+  assert odn.layer_depths(params) == {"w10": 0, "w0": 1, "w2": 2, "w1": 3}  # creation order
+  sorted_params = jax.tree.map(lambda x: x, params)
+  assert odn.layer_depths(sorted_params) == {"w0": 0, "w1": 1, "w2": 2, "w10": 3}
   mixed = {"Dense_0": dense(2, 2), "scale": np.ones((), F32), "Dense_1": dense(2, 2)}
   assert odn.layer_depths(mixed) == {
+    "Dense_0": {"kernel": 0, "bias": 0},
+    "scale": 1,
+    "Dense_1": {"kernel": 2, "bias": 2},
+  }
+  with pytest.warns(odn.DepthOrderWarning, match=r"'<root>': Dense_0, Dense_1, scale"):
+    sorted_mixed = odn.layer_depths(jax.tree.map(lambda x: x, mixed))
+  assert sorted_mixed == {
     "Dense_0": {"kernel": 0, "bias": 0},
     "Dense_1": {"kernel": 1, "bias": 1},
     "scale": 2,
@@ -339,37 +373,75 @@ class NNXNet(nnx.Module):
 
 
 @pytest.fixture(scope="module")
-def nnx_state():
-  return nnx.state(NNXNet(nnx.Rngs(0)), nnx.Param)
+def nnx_model():
+  return NNXNet(nnx.Rngs(0))
 
 
-def test_nnx_state_and_pure_dict_get_the_same_labels(nnx_state):
+@pytest.fixture(scope="module")
+def nnx_state(nnx_model):
+  return nnx.state(nnx_model, nnx.Param)
+
+
+NNX_LAYERS = {f"layers/{i}": i for i in range(12)} | {"out": 12}
+# An nnx.State (and its pure dict) holds sorted keys: `layers` and `out` carry no
+# running number, so their order is ambiguous there.
+NNX_AMBIGUOUS = r"'<root>': layers, out"
+
+
+def test_nnx_state_and_pure_dict_get_the_same_labels(nnx_model, nnx_state):
   first_path = jax.tree_util.tree_flatten_with_path(nnx_state)[0][0][0]
   assert first_path[-1] == jax.tree_util.GetAttrKey("value")
   pure = nnx.to_pure_dict(nnx_state)
-  from_state = by_path(odn.layer_depths(nnx_state))
-  from_pure = by_path(odn.layer_depths(pure))
-  assert from_state == from_pure
-  expected = {f"layers/{i}": i for i in range(12)} | {"out": 12}
-  assert layer_depth_map(odn.layer_depths(pure)) == expected
-  assert from_state["layers/10/kernel"] == 10
-  assert from_state["out/bias"] == 12
+  from_model = by_path(odn.layer_depths(nnx_model))  # definition order: no warning
+  with pytest.warns(odn.DepthOrderWarning, match=NNX_AMBIGUOUS):
+    from_state = by_path(odn.layer_depths(nnx_state))
+  with pytest.warns(odn.DepthOrderWarning, match=NNX_AMBIGUOUS):
+    from_pure = by_path(odn.layer_depths(pure))
+  assert from_state == from_pure == from_model
+  assert layer_depth_map(odn.layer_depths(nnx_model)) == NNX_LAYERS
+  assert from_model["layers/10/kernel"] == 10
+  assert from_model["out/bias"] == 12
 
 
-def test_nnx_depth_tables_agree_across_state_and_pure_dict(nnx_state):
+def test_nnx_depth_tables_agree_across_state_and_pure_dict(nnx_model, nnx_state):
   pure = nnx.to_pure_dict(nnx_state)
-  table = odn.depth_table(pure)
-  assert odn.depth_table(nnx_state) == table
-  assert odn.depth_table(pure, odn.layer_depths(nnx_state)) == table
-  assert odn.depth_table(nnx_state, odn.layer_depths(pure)) == table
+  depths = odn.layer_depths(nnx_model)
+  table = odn.depth_table(pure, depths)
+  assert odn.depth_table(nnx_state, depths) == table
+  assert odn.depth_table(nnx_state, nnx_model) == table
+  with pytest.warns(odn.DepthOrderWarning, match=NNX_AMBIGUOUS):
+    assert odn.depth_table(nnx_state) == table
+  with pytest.warns(odn.DepthOrderWarning, match=NNX_AMBIGUOUS):
+    assert odn.depth_table(pure, odn.layer_depths(nnx_state)) == table
+  with pytest.warns(odn.DepthOrderWarning, match=NNX_AMBIGUOUS):
+    assert odn.depth_table(nnx_state, odn.layer_depths(pure)) == table
   assert "10     layers/10/kernel" in table
 
 
-def test_nnx_reverse(nnx_state):
-  layers = layer_depth_map(odn.layer_depths(nnx_state, reverse=True))
+def test_nnx_reverse(nnx_model, nnx_state):
+  layers = layer_depth_map(odn.layer_depths(nnx_model, reverse=True))
   assert layers["out"] == 0
   assert layers["layers/11"] == 1
   assert layers["layers/0"] == 12
+  with pytest.warns(odn.DepthOrderWarning, match=NNX_AMBIGUOUS):
+    assert layer_depth_map(odn.layer_depths(nnx_state, reverse=True)) == layers
+
+
+class NNXHeadFirst(nnx.Module):
+  """Attributes defined in an order that sorted names do not give."""
+
+  def __init__(self, rngs):
+    self.stem = nnx.Linear(2, 2, rngs=rngs)
+    self.body = nnx.Linear(2, 2, rngs=rngs)
+    self.head = nnx.Linear(2, 1, rngs=rngs)
+
+
+def test_nnx_module_is_read_in_definition_order():
+  model = NNXHeadFirst(nnx.Rngs(0))
+  assert layer_depth_map(odn.layer_depths(model)) == {"stem": 0, "body": 1, "head": 2}
+  with pytest.warns(odn.DepthOrderWarning, match=r"'<root>': body, head, stem"):
+    by_names = layer_depth_map(odn.layer_depths(nnx.state(model, nnx.Param)))
+  assert by_names == {"body": 0, "head": 1, "stem": 2}
 
 
 # --------------------------------------------------------------------------- Equinox
@@ -595,9 +667,9 @@ def test_transform_with_depths_missing_a_path_raises(mlp_params):
   depths = odn.layer_depths(mlp_params)
   del depths["Dense_3"]
   tx = odn.depth_decay(0.1, depths=depths)
-  state = tx.init(mlp_params)
+  # Depths are resolved once, at `init`: that is where the missing path is found.
   with pytest.raises(ValueError, match=r"no entry for the leaf at 'Dense_3/bias'"):
-    tx.update(mlp_params, state, mlp_params)
+    tx.init(mlp_params)
 
 
 @pytest.mark.parametrize("bad", [b for b in BAD_DEPTHS if b.id not in ("negative", "none")])
@@ -716,20 +788,21 @@ def test_depth_table_exact_string():
     "Dense_0": {"kernel": np.zeros((3, 4), F32), "bias": np.zeros((4,), F32)},
     "step": np.zeros((), np.int32),
   }
+  # Dense_1 was created first (the key order is not the sorted one): depth 0, listed first.
   assert odn.depth_table(tree) == (
-    "depth  path            shape   dtype\n"
-    "0      Dense_0/bias    (4,)    float32\n"
-    "0      Dense_0/kernel  (3, 4)  float32\n"
-    "1      Dense_1/bias    (2,)    float32\n"
-    "1      Dense_1/kernel  (4, 2)  float32\n"
-    "-      step            ()      int32"
-  )
-  assert odn.depth_table(tree, odn.layer_depths(tree, reverse=True)) == (
     "depth  path            shape   dtype\n"
     "0      Dense_1/bias    (2,)    float32\n"
     "0      Dense_1/kernel  (4, 2)  float32\n"
     "1      Dense_0/bias    (4,)    float32\n"
     "1      Dense_0/kernel  (3, 4)  float32\n"
+    "-      step            ()      int32"
+  )
+  assert odn.depth_table(tree, odn.layer_depths(tree, reverse=True)) == (
+    "depth  path            shape   dtype\n"
+    "0      Dense_0/bias    (4,)    float32\n"
+    "0      Dense_0/kernel  (3, 4)  float32\n"
+    "1      Dense_1/bias    (2,)    float32\n"
+    "1      Dense_1/kernel  (4, 2)  float32\n"
     "-      step            ()      int32"
   )
 
@@ -779,20 +852,47 @@ def indexed_trees(draw):
   return tree, keys, wrap
 
 
+def creation_ranks(tree, keys, wrap):
+  """Rank of each key in the order the dicts tell: insertion order unless it is the sorted one."""
+
+  def children(node):
+    names = list(node)
+    if names == sorted(names):  # indistinguishable from a tree jax rebuilt: numbers decide
+      return sorted(names, key=lambda n: int(n.removeprefix("Layer_")))
+    return names
+
+  def position(key):
+    node, out = tree, []
+    for part in wrap:
+      node = node[part]
+    for i in key:
+      out.append(children(node).index(f"Layer_{i}"))
+      node = node[f"Layer_{i}"]
+    return tuple(out)
+
+  return {key: i for i, key in enumerate(sorted(keys, key=position))}
+
+
 @settings(max_examples=60, deadline=None)
 @given(indexed_trees())
 def test_depths_are_the_rank_of_integer_indices(case):
   tree, keys, wrap = case
-  rank = {key: i for i, key in enumerate(sorted(keys))}
-  depths = by_path(odn.layer_depths(tree))
-  reverse = by_path(odn.layer_depths(tree, reverse=True))
   deepest = len(keys) - 1
-  assert len(depths) == 2 * len(keys)
-  for key in keys:
-    prefix = "/".join((*wrap, *(f"Layer_{i}" for i in key)))
-    for name in ("kernel", "bias"):
-      assert depths[f"{prefix}/{name}"] == rank[key]
-      assert reverse[f"{prefix}/{name}"] == deepest - rank[key]
-  assert by_path(odn.layer_depths(jax.tree.map(lambda x: x, tree))) == depths
+
+  def check(tree, rank):
+    depths = by_path(odn.layer_depths(tree))
+    reverse = by_path(odn.layer_depths(tree, reverse=True))
+    assert len(depths) == 2 * len(keys)
+    for key in keys:
+      prefix = "/".join((*wrap, *(f"Layer_{i}" for i in key)))
+      for name in ("kernel", "bias"):
+        assert depths[f"{prefix}/{name}"] == rank[key]
+        assert reverse[f"{prefix}/{name}"] == deepest - rank[key]
+    return depths
+
+  # Sorted by jax, one stem with running numbers: the indices decide, without a warning.
+  by_index = check(jax.tree.map(lambda x: x, tree), {key: i for i, key in enumerate(sorted(keys))})
+  # As built (keys inserted in random order): creation order where the dicts keep it.
+  check(tree, creation_ranks(tree, keys, wrap))
   if len(keys[0]) == 1:
-    assert by_path(odn.layer_depths(tree, r"Layer_(\d+)")) == depths
+    assert by_path(odn.layer_depths(tree, r"Layer_(\d+)")) == by_index

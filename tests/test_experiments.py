@@ -17,6 +17,7 @@ import optax
 import pytest
 
 from optax_depthnorm.experiments import cli, data, models, train
+from tests.tolerance import RTOL
 
 
 def _write_folder(folder, n_train=96, n_test=40, gz=True):
@@ -103,7 +104,7 @@ def test_split_and_pool():
   np.testing.assert_array_equal(parts["val"][1], ds.y_train[80:])
   pooled = data.pool_images(data.split(ds, train_size=None, val_size=0), 14)
   assert pooled["train"][0].shape == (100, 14, 14)
-  np.testing.assert_allclose(pooled["train"][0][0, 0, 0], ds.x_train[0, :2, :2].mean(), rtol=1e-6)
+  np.testing.assert_allclose(pooled["train"][0][0, 0, 0], ds.x_train[0, :2, :2].mean(), rtol=RTOL)
 
 
 # ----------------------------------------------------------------------------- trainer

@@ -19,6 +19,7 @@ import optax
 import pytest
 
 import optax_depthnorm as odn
+from tests.tolerance import assert_close
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
@@ -88,9 +89,9 @@ LAYOUTS = {"flax": lambda nd: tuple(range(nd - 1)), "equinox": lambda nd: tuple(
 def test_determinant_matches_reference(shape, layout, use_jit):
   params = {"layer": {"w": normal(*shape), "b": normal(shape[-1])}, "scale": normal(3)}
   updates = jax.tree.map(lambda x: 0.1 * normal(*x.shape), params)
-  out, state = run(
-    odn.scale_normalize("determinant", kernel_layout=layout), updates, params, use_jit
-  )
+  # Sorted sibling names tell no order: give the depths (a prefix rule).
+  tx = odn.scale_normalize("determinant", kernel_layout=layout, depths={"layer": 0, "scale": 1})
+  out, state = run(tx, updates, params, use_jit)
   axes = LAYOUTS[layout](len(shape))
   w, u = params["layer"]["w"], updates["layer"]["w"]
   c = np.exp(ref_log_pdet_mean(ref_matrix(np.float64(w) + np.float64(u), axes)))
@@ -178,7 +179,7 @@ def test_data_mode_finds_inputs_by_weight_or_layer_path():
   x3, x2 = normal(4, 3), normal(4, 2)
   by_layer = {"a": x3, "b": x2, "c": [x2]}
   by_weight = {"a/kernel": x3, "b": {"kernel": x2}, "c/0": x2}
-  tx = odn.scale_normalize("data")
+  tx = odn.scale_normalize("data", depths={"a": 0, "b": 1, "c": 2})  # sorted names: explicit
   first, _ = run(tx, updates, params, layer_inputs=by_layer)
   second, _ = run(tx, updates, params, layer_inputs=by_weight)
   chex.assert_trees_all_equal(first, second)
@@ -273,7 +274,8 @@ def test_fan_in_axes_mapping_and_callable_override_and_exclude():
   mapping = {"embed": None, "qkv/kernel": 0}
   picked = lambda path, leaf: None if path.startswith("embed") else (0,) if "qkv" in path else ...
   for spec in (mapping, picked):
-    out, _ = run(odn.scale_normalize("determinant", fan_in_axes=spec), updates, params)
+    tx = odn.scale_normalize("determinant", fan_in_axes=spec, depths={"embed": 0, "qkv": 1})
+    out, _ = run(tx, updates, params)
     np.testing.assert_array_equal(out["embed"]["table"], updates["embed"]["table"])
     w, u = params["qkv"]["kernel"], updates["qkv"]["kernel"]
     c = np.exp(ref_log_pdet_mean(ref_matrix(np.float64(w) + np.float64(u), (0,))))
@@ -337,7 +339,7 @@ def test_low_precision_leaves_keep_dtype_under_strict_promotion():
   updates = jax.tree.map(lambda x: 0.1 * x if x.dtype != jnp.int32 else x, params)
   inputs = {"a": normal(8, 6), "b": normal(8, 4).astype(jnp.bfloat16)}
   for mode in ("determinant", "probe", "data"):
-    tx = odn.scale_normalize(mode, eps=1e-8)
+    tx = odn.scale_normalize(mode, eps=1e-8, depths={"a": 0, "b": 1})  # sorted names: explicit
     with jax.numpy_dtype_promotion("strict"):
       out, _ = run(tx, updates, params, layer_inputs=inputs)
     chex.assert_trees_all_equal_shapes_and_dtypes(out, updates)
@@ -364,8 +366,8 @@ def test_data_mode_under_jit_inject_multisteps_masked_and_chain():
   jitted, _ = run(tx, grads[0], params, layer_inputs=inputs)
   injected = optax.inject_hyperparams(odn.scale_normalize)(mode="data", eps=1e-8)
   inj, inj_state = run(injected, grads[0], params, layer_inputs=inputs)
-  chex.assert_trees_all_close(jitted, expected, rtol=1e-6, atol=1e-7)
-  chex.assert_trees_all_close(inj, expected, rtol=1e-6, atol=1e-7)
+  assert_close(jitted, expected)
+  assert_close(inj, expected)
   assert int(inj_state.inner_state.count) == 1
 
   multi = optax.MultiSteps(tx, every_k_schedule=2)
@@ -381,12 +383,12 @@ def test_data_mode_under_jit_inject_multisteps_masked_and_chain():
     optax.masked(tx, mask), grads[0], params, layer_inputs={"Dense_1": inputs["Dense_1"]}
   )
   np.testing.assert_array_equal(masked["Dense_0"]["kernel"], grads[0]["Dense_0"]["kernel"])
-  np.testing.assert_allclose(masked["Dense_1"]["kernel"], expected["Dense_1"]["kernel"], rtol=1e-6)
+  assert_close(masked["Dense_1"]["kernel"], expected["Dense_1"]["kernel"])
 
   chained = optax.chain(optax.sgd(0.1), tx)
   out, _ = run(chained, grads[0], params, layer_inputs=inputs)
   sgd = jax.tree.map(lambda g: -0.1 * g, grads[0])
-  chex.assert_trees_all_close(out, run(tx, sgd, params, layer_inputs=inputs)[0], rtol=1e-6)
+  assert_close(out, run(tx, sgd, params, layer_inputs=inputs)[0])
 
 
 # ----------------------------------------------------------------------------- training

@@ -13,6 +13,8 @@ import optax
 import pytest
 
 import optax_depthnorm as odn
+from tests.tolerance import ATOL, RTOL
+from tests.trees import keep_order
 
 L = 4
 _RNG = np.random.default_rng(0)
@@ -30,38 +32,41 @@ POST = {"kernel": _arr(5, 2), "bias": _arr(2)}
 
 
 def stacked_tree(blocks=BLOCKS):
-  return {"a_pre": PRE, "b_blocks": blocks, "c_post": POST}
+  # Creation order (pre, blocks, post), not sorted order: the dict tells the layer order.
+  return {"pre": PRE, "blocks": blocks, "post": POST}
 
 
 def unstacked_tree(blocks=BLOCKS):
-  tree = {"a_pre": PRE, "c_post": POST}
+  tree = {"pre": PRE}
   for i in range(L):
-    tree[f"b_blocks_{i}"] = {k: v[i] for k, v in blocks.items()}
+    tree[f"blocks_{i}"] = {k: v[i] for k, v in blocks.items()}
+  tree["post"] = POST
   return tree
 
 
 def as_stacked(tree):
   """The unstacked result put back into the stacked layout."""
-  blocks = {k: np.stack([np.asarray(tree[f"b_blocks_{i}"][k]) for i in range(L)]) for k in PRE}
-  return {"a_pre": tree["a_pre"], "b_blocks": blocks, "c_post": tree["c_post"]}
+  blocks = {k: np.stack([np.asarray(tree[f"blocks_{i}"][k]) for i in range(L)]) for k in PRE}
+  return {"pre": tree["pre"], "blocks": blocks, "post": tree["post"]}
 
 
-STACK = {"b_blocks": 0}
+STACK = {"blocks": 0}
 S_DEPTHS = odn.layer_depths(stacked_tree(), stack_axis=STACK)
 U_DEPTHS = {
-  "a_pre": {"kernel": 0, "bias": 0},
-  **{f"b_blocks_{i}": {"kernel": i + 1, "bias": i + 1} for i in range(L)},
-  "c_post": {"kernel": L + 1, "bias": L + 1},
+  "pre": {"kernel": 0, "bias": 0},
+  **{f"blocks_{i}": {"kernel": i + 1, "bias": i + 1} for i in range(L)},
+  "post": {"kernel": L + 1, "bias": L + 1},
 }
 
 
-def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+def assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
 
 def run(tx, tree, params=None, jit=False, **extra):
   update = jax.jit(tx.update) if jit else tx.update
-  out, _ = update(tree, tx.init(tree), params, **extra)
+  # Init on the tree that keeps creation order (params when given, as users do).
+  out, _ = update(tree, tx.init(tree if params is None else params), params, **extra)
   return out
 
 
@@ -69,13 +74,13 @@ def run(tx, tree, params=None, jit=False, **extra):
 
 
 def test_layer_depths_gives_each_slice_a_depth_and_moves_later_layers():
-  assert S_DEPTHS["a_pre"]["kernel"] == 0
-  assert S_DEPTHS["b_blocks"]["kernel"] == odn.StackedDepth(range(1, L + 1), axis=0)
-  assert S_DEPTHS["b_blocks"]["bias"] == odn.StackedDepth(range(1, L + 1), axis=0)
-  assert S_DEPTHS["c_post"]["bias"] == L + 1
+  assert S_DEPTHS["pre"]["kernel"] == 0
+  assert S_DEPTHS["blocks"]["kernel"] == odn.StackedDepth(range(1, L + 1), axis=0)
+  assert S_DEPTHS["blocks"]["bias"] == odn.StackedDepth(range(1, L + 1), axis=0)
+  assert S_DEPTHS["post"]["bias"] == L + 1
   rev = odn.layer_depths(stacked_tree(), stack_axis=STACK, reverse=True)
-  assert rev["b_blocks"]["kernel"].depths == tuple(range(L, 0, -1))
-  assert rev["a_pre"]["kernel"] == L + 1 and rev["c_post"]["kernel"] == 0
+  assert rev["blocks"]["kernel"].depths == tuple(range(L, 0, -1))
+  assert rev["pre"]["kernel"] == L + 1 and rev["post"]["kernel"] == 0
 
 
 def test_stack_axis_callable_and_negative_axis():
@@ -86,16 +91,16 @@ def test_stack_axis_callable_and_negative_axis():
 
 def test_explicit_rule_keeps_its_numbers_and_gaps():
   depths = odn.layer_depths(
-    stacked_tree(), rule={"a_pre": 0, "b_blocks": 2, "c_post": 5}, stack_axis=STACK
+    stacked_tree(), rule={"pre": 0, "blocks": 2, "post": 5}, stack_axis=STACK
   )
-  assert depths["a_pre"]["bias"] == 0
-  assert depths["b_blocks"]["kernel"].depths == (2, 3, 4, 5)
-  assert depths["c_post"]["kernel"] == 5 + L - 1
+  assert depths["pre"]["bias"] == 0
+  assert depths["blocks"]["kernel"].depths == (2, 3, 4, 5)
+  assert depths["post"]["kernel"] == 5 + L - 1
 
 
 def test_depth_table_shows_slices():
   table = odn.depth_table(stacked_tree(), S_DEPTHS).splitlines()
-  row = next(line for line in table if "b_blocks/kernel" in line)
+  row = next(line for line in table if "blocks/kernel" in line)
   assert row.split()[0] == f"1..{L}" and "(4, 5, 5)@0" in row
   assert table[-1].split()[0] == str(L + 1)
   assert odn.StackedDepth([0, 3, -1, 9]).text() == "0,3,..,9"
@@ -125,7 +130,7 @@ def test_normalize_per_slice_equals_unstacked_leaves(norm, jit):
   for i in range(L):  # NumPy float64: slice i divided by its own norm
     kernel = BLOCKS["kernel"][i]
     expected = 2.0 * kernel / np_norm(kernel, norm)
-    np.testing.assert_allclose(out["b_blocks"]["kernel"][i], expected, rtol=1e-5)
+    np.testing.assert_allclose(out["blocks"]["kernel"][i], expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("jit", [False, True])
@@ -136,17 +141,17 @@ def test_normalize_group_layer_joins_slices_of_one_depth(jit):
   assert_trees_close(out, as_stacked(ref))
   i = 1
   joint = np.sqrt(np_norm(BLOCKS["kernel"][i], "l2") ** 2 + np_norm(BLOCKS["bias"][i], "l2") ** 2)
-  np.testing.assert_allclose(out["b_blocks"]["bias"][i], BLOCKS["bias"][i] / joint, rtol=1e-5)
+  np.testing.assert_allclose(out["blocks"]["bias"][i], BLOCKS["bias"][i] / joint, rtol=1e-5)
 
 
 def test_last_layer_target_reads_the_deepest_slice():
   # Blocks last: the deepest layer is slice L-1 of the stack.
-  tree = {"a_pre": PRE, "b_blocks": BLOCKS}
+  tree = {"pre": PRE, "blocks": BLOCKS}
   depths = odn.layer_depths(tree, stack_axis=STACK)
   out = run(odn.layerwise_normalize(target="last_layer", depths=depths), tree)
   last = np.sqrt(np_norm(BLOCKS["kernel"][-1], "l2") ** 2 + np_norm(BLOCKS["bias"][-1], "l2") ** 2)
   kernel = PRE["kernel"]
-  np.testing.assert_allclose(out["a_pre"]["kernel"], last * kernel / np_norm(kernel, "l2"), 1e-5)
+  np.testing.assert_allclose(out["pre"]["kernel"], last * kernel / np_norm(kernel, "l2"), 1e-5)
   w_out = run(odn.layerwise_normalize(target="last_layer_weights", depths=depths), tree, tree)
   assert_trees_close(w_out, out)
 
@@ -171,8 +176,8 @@ def test_decay_factors_against_numpy():
   out = run(odn.depth_decay(0.5, decay="linear", stack_axis=STACK), stacked_tree())
   for i in range(L):
     expected = np.float64(0.5) ** (i + 1) * BLOCKS["kernel"][i].astype(np.float64)
-    np.testing.assert_allclose(out["b_blocks"]["kernel"][i], expected, rtol=1e-6)
-  np.testing.assert_allclose(out["c_post"]["bias"], 0.5 ** (L + 1) * POST["bias"], rtol=1e-6)
+    np.testing.assert_allclose(out["blocks"]["kernel"][i], expected, rtol=RTOL)
+  np.testing.assert_allclose(out["post"]["bias"], 0.5 ** (L + 1) * POST["bias"], rtol=RTOL)
 
 
 def test_depth_normalized_passes_the_stack_to_both_steps():
@@ -183,17 +188,17 @@ def test_depth_normalized_passes_the_stack_to_both_steps():
 
 def test_stack_along_a_middle_axis():
   blocks = {k: np.moveaxis(v, 0, 1) for k, v in BLOCKS.items() if k == "kernel"}
-  tree = {"b_blocks": blocks}  # (5, L, 5)
-  out = run(odn.layerwise_normalize(stack_axis={"b_blocks": 1}), tree)
+  tree = {"blocks": blocks}  # (5, L, 5)
+  out = run(odn.layerwise_normalize(stack_axis={"blocks": 1}), tree)
   for i in range(L):
     kernel = BLOCKS["kernel"][i]
-    np.testing.assert_allclose(
-      out["b_blocks"]["kernel"][:, i], kernel / np_norm(kernel, "l2"), 1e-5
-    )
+    np.testing.assert_allclose(out["blocks"]["kernel"][:, i], kernel / np_norm(kernel, "l2"), 1e-5)
 
 
 def test_bf16_stacked_leaf_keeps_its_dtype():
-  tree = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), stacked_tree())
+  tree = keep_order(
+    stacked_tree(), jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), stacked_tree())
+  )
   out = run(odn.depth_normalized(0.1, stack_axis=STACK), tree)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
 
@@ -202,8 +207,8 @@ def test_zero_slice_stays_zero():
   blocks = {k: v.copy() for k, v in BLOCKS.items()}
   blocks["kernel"][1] = 0
   out = run(odn.layerwise_normalize(stack_axis=STACK), stacked_tree(blocks))
-  assert np.all(np.isfinite(out["b_blocks"]["kernel"]))
-  assert np.all(out["b_blocks"]["kernel"][1] == 0)
+  assert np.all(np.isfinite(out["blocks"]["kernel"]))
+  assert np.all(out["blocks"]["kernel"][1] == 0)
 
 
 def test_no_python_loop_over_slices():
@@ -221,11 +226,11 @@ def test_no_python_loop_over_slices():
 
 def test_masked_stack_keeps_its_layers_with_precomputed_depths():
   tree = stacked_tree()
-  mask = {k: jax.tree.map(lambda _, k=k: k != "b_blocks", v) for k, v in tree.items()}
+  mask = {k: jax.tree.map(lambda _, k=k: k != "blocks", v) for k, v in tree.items()}
   tx = optax.masked(odn.depth_decay(0.5, decay="linear", depths=S_DEPTHS), mask)
   out = run(tx, tree)
-  np.testing.assert_allclose(out["c_post"]["bias"], 0.5 ** (L + 1) * POST["bias"], rtol=1e-6)
-  np.testing.assert_array_equal(out["b_blocks"]["kernel"], BLOCKS["kernel"])
+  np.testing.assert_allclose(out["post"]["bias"], 0.5 ** (L + 1) * POST["bias"], rtol=RTOL)
+  np.testing.assert_array_equal(out["blocks"]["kernel"], BLOCKS["kernel"])
 
 
 # ----------------------------------------------------------------------------- flow
@@ -240,13 +245,13 @@ def test_gradient_flow_per_slice_equals_unstacked(jit):
   ref = odn.gradient_flow(unstacked_tree(), unstacked_tree(), U_DEPTHS)
   assert report.depths == ref.depths == tuple(range(L + 2))
   assert report.sizes == ref.sizes
-  assert report.paths[1] == "b_blocks[0]" and report.paths[L] == f"b_blocks[{L - 1}]"
+  assert report.paths[1] == "blocks[0]" and report.paths[L] == f"blocks[{L - 1}]"
   for field in ("norm", "mean_abs", "max_abs", "rms", "param_norm", "ratio"):
     np.testing.assert_allclose(getattr(report, field), getattr(ref, field), rtol=1e-5)
   i = 2
   both = np.concatenate([BLOCKS["kernel"][i].ravel(), BLOCKS["bias"][i].ravel()]).astype(np.float64)
-  np.testing.assert_allclose(report.norm[i + 1], np.sqrt(np.sum(both**2)), rtol=1e-6)
-  np.testing.assert_allclose(report.mean_abs[i + 1], np.mean(np.abs(both)), rtol=1e-6)
+  np.testing.assert_allclose(report.norm[i + 1], np.sqrt(np.sum(both**2)), rtol=RTOL)
+  np.testing.assert_allclose(report.mean_abs[i + 1], np.mean(np.abs(both)), rtol=RTOL)
 
 
 def test_gradient_flow_of_a_vanished_slice_does_not_underflow():
@@ -265,7 +270,7 @@ def test_tracker_and_flow_from_state_with_a_stack():
   report = odn.flow_from_state(state, params, stack_axis=STACK)
   ref = odn.gradient_flow(params, params, stack_axis=STACK)
   assert report.paths == ref.paths and report.sizes == ref.sizes
-  np.testing.assert_allclose(report.norm, ref.norm, rtol=1e-6)
+  np.testing.assert_allclose(report.norm, ref.norm, rtol=RTOL)
   assert len(report.depths) == L + 2
 
 
@@ -280,7 +285,7 @@ def test_scale_normalize_per_slice_equals_unstacked():
   ref_grads = jax.tree.map(lambda x: 0.1 * np.ones_like(x), unstacked_tree())
   ref = run(odn.scale_normalize("determinant"), ref_grads, unstacked_tree())
   assert_trees_close(out, as_stacked(ref), rtol=1e-4, atol=1e-5)
-  new = np.asarray(params["b_blocks"]["kernel"] + out["b_blocks"]["kernel"], np.float64)
+  new = np.asarray(params["blocks"]["kernel"] + out["blocks"]["kernel"], np.float64)
   for i in range(L):  # each slice on its own has pseudo-determinant 1
     np.testing.assert_allclose(np.prod(np.linalg.svd(new[i], compute_uv=False)), 1.0, rtol=1e-3)
 
@@ -289,14 +294,14 @@ def test_scale_normalize_data_mode_takes_stacked_inputs():
   params = stacked_tree()
   grads = jax.tree.map(np.zeros_like, params)
   xs = _arr(L, 7, 5)
-  inputs = {"a_pre": _arr(7, 3), "b_blocks": xs, "c_post": _arr(7, 5)}
+  inputs = {"pre": _arr(7, 3), "blocks": xs, "post": _arr(7, 5)}
   out = run(odn.scale_normalize("data", stack_axis=STACK), grads, params, layer_inputs=inputs)
-  new = np.asarray(params["b_blocks"]["kernel"] + out["b_blocks"]["kernel"], np.float64)
+  new = np.asarray(params["blocks"]["kernel"] + out["blocks"]["kernel"], np.float64)
   for i in range(L):
     x = xs[i].astype(np.float64)
     ratio = np.linalg.norm(x @ new[i], axis=1) / np.linalg.norm(x, axis=1)
     np.testing.assert_allclose(ratio.mean(), 1.0, rtol=1e-4)
-  bad = {**inputs, "b_blocks": xs[:2]}
+  bad = {**inputs, "blocks": xs[:2]}
   with pytest.raises(ValueError, match="give them a leading axis of 4"):
     run(odn.scale_normalize("data", stack_axis=STACK), grads, params, layer_inputs=bad)
 
@@ -305,8 +310,8 @@ def test_scale_normalize_probe_mode_with_a_stack_runs_under_jit():
   params = stacked_tree()
   grads = jax.tree.map(np.zeros_like, params)
   out = run(odn.scale_normalize("probe", stack_axis=STACK, num_probes=64), grads, params, jit=True)
-  assert out["b_blocks"]["kernel"].shape == (L, 5, 5)
-  np.testing.assert_array_equal(out["b_blocks"]["bias"], 0)  # biases left alone
+  assert out["blocks"]["kernel"].shape == (L, 5, 5)
+  np.testing.assert_array_equal(out["blocks"]["bias"], 0)  # biases left alone
 
 
 # ----------------------------------------------------------------------------- errors
@@ -320,16 +325,16 @@ def test_errors():
     odn.layer_depths(tree, stack_axis=[0])
   with pytest.raises(ValueError, match="stack_axis names \\['nope'\\]"):
     odn.layer_depths(tree, stack_axis={"nope": 0})
-  with pytest.raises(ValueError, match="stack_axis gave axis 3 for the leaf at 'b_blocks/bias'"):
-    odn.layer_depths(tree, stack_axis={"b_blocks": 3})
+  with pytest.raises(ValueError, match="stack_axis gave axis 3 for the leaf at 'blocks/bias'"):
+    odn.layer_depths(tree, stack_axis={"blocks": 3})
   with pytest.raises(ValueError, match="but depths gives it 1"):
     run(
       odn.depth_decay(
-        0.1, depths=U_DEPTHS | {"b_blocks": {"kernel": 1, "bias": 1}}, stack_axis=STACK
+        0.1, depths=U_DEPTHS | {"blocks": {"kernel": 1, "bias": 1}}, stack_axis=STACK
       ),
       tree,
     )
-  bad = {**S_DEPTHS, "b_blocks": {"kernel": odn.StackedDepth([1, 2]), "bias": 1}}
+  bad = {**S_DEPTHS, "blocks": {"kernel": odn.StackedDepth([1, 2]), "bias": 1}}
   with pytest.raises(ValueError, match="2 per-slice depths along axis 0 for the leaf at"):
     run(odn.depth_decay(0.1, depths=bad), tree)
   with pytest.raises(ValueError, match="one integer depth >= -1 per slice"):

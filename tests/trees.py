@@ -52,9 +52,9 @@ def equinox_params():
 def dict_params():
   rng = np.random.default_rng(0)
   f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
-  return {
-    "encoder": {"block_2": {"w": f(3, 3)}, "block_10": {"w": f(3, 2), "b": f(2)}},
+  return {  # creation order, as a hand-built dict keeps it: stem first
     "stem": [f(4, 3)],
+    "encoder": {"block_2": {"w": f(3, 3)}, "block_10": {"w": f(3, 2), "b": f(2)}},
   }
 
 
@@ -62,9 +62,9 @@ def dict_params():
 _DEPTH_PATTERNS = [
   (r"^Dense_(\d+)/", lambda m: int(m.group(1))),
   (r"^layers/(\d+)/", lambda m: int(m.group(1))),
-  (r"^encoder/block_2/", lambda m: 0),
-  (r"^encoder/block_10/", lambda m: 1),
-  (r"^stem/0$", lambda m: 2),  # "encoder" < "stem": names, not meaning, order layers
+  (r"^stem/0$", lambda m: 0),  # the dict's own (creation) order, though "encoder" < "stem"
+  (r"^encoder/block_2/", lambda m: 1),
+  (r"^encoder/block_10/", lambda m: 2),
 ]
 
 
@@ -102,11 +102,20 @@ TREES = {
 
 
 def random_like(tree, seed: int = 0):
-  """Random float32 'gradients' with the structure of `tree`."""
+  """Random float32 'gradients' with the structure of `tree` (dicts keep their key order)."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   new = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-  return jax.tree_util.tree_unflatten(treedef, new)
+  return keep_order(tree, jax.tree_util.tree_unflatten(treedef, new))
+
+
+def keep_order(like, tree):
+  """`tree` (same paths as `like`) with the dicts rebuilt in `like`'s key order."""
+  if isinstance(like, dict) and isinstance(tree, dict):
+    return {k: keep_order(like[k], tree[k]) for k in like}
+  if isinstance(like, list) and isinstance(tree, list):
+    return [keep_order(a, b) for a, b in zip(like, tree)]
+  return tree
 
 
 def to_numpy(tree) -> list[np.ndarray]:

@@ -1,0 +1,275 @@
+"""Gradient-flow reports: `FlowReport`, the rows of a labelled tree and `gradient_flow`.
+
+One number per layer (L2 norm, mean |g|, max |g|, RMS) shows where gradients
+vanish or explode on their way down a deep network. A row is a depth group, as
+in every transform of the library: the leaves (and slices) of one depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_depthnorm import _depths, _layers, _reduce, _tree
+
+STATS = ("norm", "mean_abs", "max_abs", "rms", "param_norm", "ratio")
+TRACED_MSG = (
+  "{what} needs concrete values, but the report holds traced arrays (inside `jit`); "
+  "return the report from the jitted function and call {what} outside."
+)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FlowReport:
+  """Per-layer gradient statistics, ordered by depth (0 at the input side).
+
+  A pytree: the arrays are its leaves and the paths, depths and sizes static
+  data, so a report can be returned from `jit` or stacked by `lax.scan` (then
+  every array gains a leading step axis). ``print(report)`` shows a table.
+
+  Attributes:
+    paths: one name per layer: the path of its module (``'Dense_3'``).
+    depths: the depth of each layer.
+    sizes: number of elements of each layer (-1 where unknown).
+    what: what was measured, for labels (``'gradient'``).
+    norm: L2 norm of each layer's gradient, all its leaves together.
+    mean_abs: mean |g| over the layer's elements.
+    max_abs: max |g|.
+    rms: root mean square, ``norm / sqrt(size)``.
+    param_norm: L2 norm of the layer's parameters (``None`` without params).
+    ratio: ``norm / param_norm``: the update/weight ratio when the report is
+      taken of the updates (``None`` without params).
+    step: the training step each row was taken at (from the tracker), or None.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_depthnorm as odn
+    >>> grads = {f"Dense_{i}": {"kernel": jnp.full(4, 10.0 ** (3 * i - 6))} for i in range(3)}
+    >>> report = odn.gradient_flow(grads)
+    >>> report.paths, report.depths, report.sizes
+    (('Dense_0', 'Dense_1', 'Dense_2'), (0, 1, 2), (4, 4, 4))
+    >>> print(report.norm)
+    [2.e-06 2.e-03 2.e+00]
+    >>> print(report)
+    depth  path     size  norm       mean|g|    max|g|     rms
+    0      Dense_0  4     2.000e-06  1.000e-06  1.000e-06  1.000e-06
+    1      Dense_1  4     2.000e-03  1.000e-03  1.000e-03  1.000e-03
+    2      Dense_2  4     2.000e+00  1.000e+00  1.000e+00  1.000e+00
+  """
+
+  paths: tuple[str, ...]
+  depths: tuple[int, ...]
+  sizes: tuple[int, ...]
+  what: str
+  norm: jax.Array
+  mean_abs: jax.Array
+  max_abs: jax.Array
+  rms: jax.Array
+  param_norm: jax.Array | None = None
+  ratio: jax.Array | None = None
+  step: jax.Array | None = None
+
+  def table(self) -> str:
+    """The report as a text table, one layer per line."""
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(self)):
+      raise TypeError(TRACED_MSG.format(what="FlowReport.table()"))
+    if np.ndim(self.norm) != 1:
+      raise ValueError(
+        f"table() shows one step, but this report holds arrays of shape "
+        f"{np.shape(self.norm)} (stacked steps); pick one first: "
+        "`jax.tree.map(lambda x: x[-1], report)`."
+      )
+    columns = [
+      ("depth", [str(d) for d in self.depths]),
+      ("path", list(self.paths)),
+      ("size", [str(s) if s >= 0 else "-" for s in self.sizes]),
+    ]
+    fields = ["norm", "mean_abs", "max_abs", "rms"]
+    if self.param_norm is not None and not np.all(np.isnan(np.asarray(self.param_norm))):
+      fields += ["param_norm", "ratio"]
+    for field in fields:
+      values = np.asarray(getattr(self, field), np.float64)
+      columns.append((_HEADERS[field], [f"{v:.3e}" for v in values]))
+    rows = list(zip(*(values for _, values in columns)))
+    header = tuple(name for name, _ in columns)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+  def __str__(self) -> str:
+    try:
+      return self.table()
+    except (TypeError, ValueError):
+      return repr(self)
+
+
+_HEADERS = {
+  "norm": "norm",
+  "mean_abs": "mean|g|",
+  "max_abs": "max|g|",
+  "rms": "rms",
+  "param_norm": "norm(w)",
+  "ratio": "norm/norm(w)",
+}
+jax.tree_util.register_dataclass(
+  FlowReport,
+  data_fields=["norm", "mean_abs", "max_abs", "rms", "param_norm", "ratio", "step"],
+  meta_fields=["paths", "depths", "sizes", "what"],
+)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class Rows(NamedTuple):
+  """The layers of a labelled tree as rows of a report, ordered by depth.
+
+  ``ids`` gives the row of every slice of every floating leaf (in the order of
+  `_layers.concat`; -1: in no row), ``sizes`` the number of elements of each row.
+  """
+
+  depths: tuple[int, ...]
+  names: tuple[str, ...]
+  sizes: tuple[int, ...]
+  ids: np.ndarray
+
+
+def _row_name(names: list[str]) -> str:
+  names = list(dict.fromkeys(names))
+  return "+".join(names) if len(names) <= 3 else f"{names[0]}+{len(names) - 1} more"
+
+
+def rows(tree: Any, stored: dict[str, Any]) -> Rows:
+  """The rows of `tree` from concrete depths by path (NumPy or concrete arrays).
+
+  Reads paths and shapes only (works on `jax.ShapeDtypeStruct`s).
+  """
+  leaves, _, found = _layers.read(tree, stored)
+  paths = [p for p, _ in _tree.flatten(tree)[0]]
+  d = np.concatenate([np.reshape(np.asarray(f.depth), -1) for f in found]) if found else []
+  # Every stored depth has a row, a masked-out layer's too (size 0, in its place).
+  order = tuple(sorted({int(v) for a in stored.values() for v in np.reshape(a, -1) if v >= 0}))
+  row = {depth: k for k, depth in enumerate(order)}
+  ids = np.asarray([row.get(int(v), -1) for v in d], np.int32)
+  names: dict[int, list[str]] = {k: [] for k in range(len(order))}
+  sizes = np.zeros(len(order), np.int64)
+  start = 0
+  for f in found:
+    x, layer = leaves[f.index], _depths.layer_name(paths[f.index])
+    slices = int(np.size(f.depth))
+    per = math.prod(x.shape) // slices
+    for k in range(slices):
+      r = ids[start + k]
+      if r >= 0:
+        names[r].append(layer if not np.ndim(f.depth) else f"{layer}[{k}]")
+        sizes[r] += per
+    start += slices
+  floating = {f.index for f in found}
+  masked = {_tree.path_name(p): p for i, p in enumerate(paths) if i not in floating}
+  for name, path in masked.items():  # leaves hidden by a mask name their (empty) rows
+    a = np.asarray(stored.get(name, _depths.NOT_A_LAYER))
+    for k, v in enumerate(np.reshape(a, -1)):
+      if v >= 0:
+        layer = _depths.layer_name(path)
+        names[row[int(v)]].append(layer if not a.ndim else f"{layer}[{k}]")
+  return Rows(order, tuple(_row_name(names[k]) for k in names), tuple(map(int, sizes)), ids)
+
+
+def _float_dtype(leaves: Sequence[Any]) -> Any:
+  return _tree.acc_dtype(*(x.dtype for x in leaves if _tree.is_float_leaf(x)))
+
+
+def layer_stats(tree: Any, stored: Any, ids: Any, n: int) -> _reduce.Sums:
+  """`_reduce.Sums` of each of the `n` rows of `tree` (depths by path, row ids per slice)."""
+  leaves, _, found = _layers.read(tree, stored)
+  sums = [_layers.leaf_sums(leaves[f.index], f.depth) for f in found]
+  return _layers.layer_sums(sums, jnp.asarray(ids), n)
+
+
+def stats(parts: _reduce.Sums) -> list[jax.Array]:
+  """(L2 norm, mean |g|, max |g|, RMS) of each row, from its `Sums`."""
+  norm = _reduce.l2(parts)
+  size = jnp.maximum(parts.size, 1)
+  return [norm, parts.abs / size, parts.max, norm / jnp.sqrt(size)]
+
+
+def ratio(norm: jax.Array, param_norm: jax.Array) -> jax.Array:
+  """``norm / param_norm``; inf where the params are zero and the norm is not, 0 for 0/0."""
+  positive = param_norm > 0
+  quotient = norm / jnp.where(positive, param_norm, 1)
+  return jnp.where(positive, quotient, jnp.where(norm > 0, jnp.inf, 0))
+
+
+def gradient_flow(
+  grads: Any, params: Any = None, depths: Any = None, *, stack_axis: Any = None
+) -> FlowReport:
+  r"""Per-layer statistics of a gradient (or update) pytree, ordered by depth.
+
+  For each layer $l$ (the leaves of one depth, e.g. a Dense kernel and bias)
+  with $n_l$ elements $g_i$:
+
+  $$
+  \|g_l\|_2 = \sqrt{\textstyle\sum_i g_i^2}, \quad
+  \overline{|g_l|} = \tfrac{1}{n_l} \textstyle\sum_i |g_i|, \quad
+  \max_i |g_i|, \quad
+  \mathrm{rms}_l = \|g_l\|_2 / \sqrt{n_l}
+  $$
+
+  and, with `params`, the weight norm $\|w_l\|$ and the ratio
+  $\|g_l\| / \|w_l\|$ (taken of the updates an optimizer applies, it is the
+  update/weight ratio; inf where $w_l = 0$ and $g_l$ is not, 0 for 0/0).
+
+  Statistics are computed in float32 (float64 for float64 leaves) without
+  overflow or underflow (a vanished gradient of 1e-25 per entry has its true
+  norm). Pure JAX: works inside `jit` (arrays out, no host sync). Leaves that
+  are not floating arrays are left out; a layer with no floating leaf (masked
+  out) has size 0 and zero statistics.
+
+  Args:
+    grads: a gradient or update pytree (linen, NNX, Equinox, dicts).
+    params: optional parameters with the same paths, for the weight norms.
+    depths: what defines the layers: ``None`` (the order of `grads`, see
+      `layer_depths`; gradients from `jax.grad` have sorted keys, so pass the
+      depths of the params when the names do not tell the order), a rule, an
+      NNX module, or a pytree from `layer_depths` or `infer_depths`. Each slice
+      of a `StackedDepth` leaf is a layer of its own (named ``path[i]``).
+    stack_axis: leaves that stack layers, see `layer_depths`.
+
+  Returns:
+    A `FlowReport`: one entry per layer, ordered by depth; print it for a table.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_depthnorm as odn
+    >>> grads = {"Dense_0": {"kernel": jnp.array([3.0, -4.0])},
+    ...          "Dense_1": {"kernel": jnp.array([0.0, 1e-9])}}
+    >>> print(odn.gradient_flow(grads))
+    depth  path     size  norm       mean|g|    max|g|     rms
+    0      Dense_0  2     5.000e+00  3.500e+00  4.000e+00  3.536e+00
+    1      Dense_1  2     1.000e-09  5.000e-10  1.000e-09  7.071e-10
+
+  References:
+    "Analysis of vanishing gradient problem" (the VGG08/VGG38 report), sec. 2:
+    mean |grad| per layer, figs. 2-3. Cabana & Lago-Fernández, "Backward
+    Gradient Normalization in Deep Neural Networks", 2021, sec. 3.
+  """
+  stored = _layers.resolve(grads, depths, stack_axis)
+  table = rows(grads, stored)
+  dtype = _float_dtype(jax.tree.leaves(grads))
+  norm, mean_abs, max_abs, rms = stats(layer_stats(grads, stored, table.ids, len(table.depths)))
+  param_norm = ratio_ = None
+  if params is not None:
+    param_norm = _reduce.l2(layer_stats(params, stored, table.ids, len(table.depths)))
+    ratio_ = ratio(norm, param_norm)
+  values = [v if v is None else v.astype(dtype) for v in (norm, mean_abs, max_abs, rms)]
+  extra = [v if v is None else v.astype(dtype) for v in (param_norm, ratio_)]
+  return FlowReport(table.names, table.depths, table.sizes, "gradient", *values, *extra)

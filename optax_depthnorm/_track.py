@@ -1,0 +1,284 @@
+"""The in-state gradient-flow tracker: `track_gradient_flow` and `flow_from_state`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from optax_depthnorm import _depths, _layers, _reduce, _report
+from optax_depthnorm._report import TRACED_MSG, FlowReport
+
+LAYER_MISMATCH_MSG = (
+  "the tracker's state has {expected} layers (from the params given to `init`) but "
+  "{got} arrive in `update`; init and update must see trees with the same paths, "
+  "or pass `depths=` computed once with `odn.layer_depths`."
+)
+
+
+class FlowStats(NamedTuple):
+  """Per-layer statistics as arrays (last axis: layers), as `FlowReport` names them.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_depthnorm as odn
+    >>> params = {"Dense_0": {"kernel": jnp.ones(2)}, "Dense_1": {"kernel": jnp.ones(2)}}
+    >>> tx = odn.track_gradient_flow(history=4)
+    >>> _, state = tx.update(params, tx.init(params), params)
+    >>> stats = state.flow  # a FlowStats
+    >>> stats._fields
+    ('norm', 'mean_abs', 'max_abs', 'rms', 'param_norm', 'ratio')
+    >>> print(stats.norm, stats.ratio)
+    [1.4142135 1.4142135] [1. 1.]
+  """
+
+  norm: jax.Array
+  mean_abs: jax.Array
+  max_abs: jax.Array
+  rms: jax.Array
+  param_norm: jax.Array  # NaN where `update` got no params
+  ratio: jax.Array  # NaN where `update` got no params
+
+
+class GradientFlowState(NamedTuple):
+  """State of `track_gradient_flow`.
+
+  ``optax.tree.get(state, "flow")`` finds the latest statistics in any optax
+  state; step ``t`` (0-based) is row ``t % history`` of ``flow_history``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_depthnorm as odn
+    >>> params = {"Dense_0": {"kernel": jnp.ones(2)}, "Dense_1": {"kernel": jnp.ones(2)}}
+    >>> state = odn.track_gradient_flow(history=4).init(params)
+    >>> int(state.count), state.flow.norm.shape, state.flow_history.norm.shape
+    (0, (2,), (4, 2))
+    >>> opt = optax.chain(odn.track_gradient_flow(), optax.sgd(0.1))
+    >>> optax.tree.get(opt.init(params), "flow").norm.shape
+    (2,)
+  """
+
+  count: jax.Array  # int32 scalar: steps seen
+  flow: FlowStats  # latest step, each (n_layers,)
+  flow_history: FlowStats  # last `history` steps, each (history, n_layers), a ring buffer
+  depths: Any  # dict[str, int32 array]: each leaf's depth, resolved at `init` (`_layers`)
+
+
+def _check_history(history: Any) -> None:
+  if isinstance(history, bool) or not isinstance(history, (int, np.integer)) or history < 1:
+    raise ValueError(
+      f"history must be a positive Python int (a number of steps, fixed at construction), "
+      f"got {history!r}; under `optax.inject_hyperparams` list it in `static_args`."
+    )
+
+
+def track_gradient_flow(
+  *, history: int = 16, depths: Any = None, stack_axis: Any = None
+) -> optax.GradientTransformationExtraArgs:
+  r"""Passes updates through unchanged and keeps their per-layer statistics in state.
+
+  $$
+  u \leftarrow u, \qquad s_t = \mathrm{gradient\_flow}(u_t, w_t)
+  $$
+
+  The state holds the latest ``s_t`` (``state.flow``, a `FlowStats` of
+  arrays of shape ``(n_layers,)``) and the last `history` steps in a ring
+  buffer (``state.flow_history``, shapes ``(history, n_layers)``, step ``t``
+  in row ``t % history``). A jitted train step thus logs the gradient flow with
+  the reductions fused into the step: no extra pass, no host sync. Read it out
+  with `flow_from_state` (however nested: `optax.chain`, `inject_hyperparams`,
+  `MultiSteps`, `partition`) or ``optax.tree.get(state, "flow")``.
+
+  Where it sits in a chain decides what it sees: first, the raw gradients;
+  last, the updates the optimizer applies (then ``ratio`` is the
+  update/weight ratio, ~1e-3 per step being a common rule of thumb for SGD).
+  The layers (their number fixes the state's shapes) come from the params'
+  paths at `init`, which reads no values; statistics are stored in float32
+  (float64 for float64 params). ``param_norm`` and ``ratio`` are NaN when
+  `update` gets no params.
+
+  Args:
+    history: how many past steps to keep (a small fixed number; a static int:
+      under `optax.inject_hyperparams` list it in `static_args`).
+    depths: what defines the layers, see `gradient_flow`.
+    stack_axis: leaves that stack layers, see `layer_depths`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `GradientFlowState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import optax
+    >>> import optax_depthnorm as odn
+    >>> params = {"Dense_0": {"kernel": jnp.ones((2, 2))}, "Dense_1": {"kernel": jnp.ones(2)}}
+    >>> opt = optax.chain(odn.track_gradient_flow(history=4), optax.sgd(0.1))
+    >>> state = opt.init(params)
+    >>> grads = jax.tree.map(lambda p: 0.5 * p, params)
+    >>> updates, state = jax.jit(opt.update)(grads, state, params)
+    >>> print(odn.flow_from_state(state, params))
+    depth  path     size  norm       mean|g|    max|g|     rms        norm(w)    norm/norm(w)
+    0      Dense_0  4     1.000e+00  5.000e-01  5.000e-01  5.000e-01  2.000e+00  5.000e-01
+    1      Dense_1  2     7.071e-01  5.000e-01  5.000e-01  5.000e-01  1.414e+00  5.000e-01
+
+  References:
+    "Analysis of vanishing gradient problem" (the VGG08/VGG38 report), sec. 2. Optax's
+    ``optax.snapshot`` / ``optax.monitor`` store measurements in state likewise.
+  """
+  _check_history(history)
+  _depths.check_stack_axis_type(stack_axis)
+
+  def init_fn(params: Any) -> GradientFlowState:
+    stored, resolved = _layers.init_depths(params, depths, stack_axis)
+    n = len({int(v) for d in resolved.values() for v in np.reshape(d, -1) if v >= 0})
+    dtype = _report._float_dtype(jax.tree.leaves(params))
+    zeros = lambda *shape: FlowStats(*(jnp.zeros(shape, dtype) for _ in FlowStats._fields))
+    return GradientFlowState(jnp.zeros([], jnp.int32), zeros(n), zeros(history, n), stored)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    n, dtype = state.flow.norm.shape[-1], state.flow.norm.dtype
+    _, _, found = _layers.read(updates, state.depths)
+    # Ranked among all stored depths: a masked-out layer keeps its row (zeros).
+    every = list(state.depths.values()) if isinstance(state.depths, Mapping) else []
+    d = _layers.concat([*every, *(leaf.depth for leaf in found)]).astype(jnp.int32)
+    ids = _layers.dense_ranks(d)[d.shape[0] - sum(int(np.size(f.depth)) for f in found) :]
+    values = _report.stats(_report.layer_stats(updates, state.depths, ids, n))
+    missing = jnp.full((n,), jnp.nan, dtype)
+    param_norm = ratio = missing
+    if params is not None:
+      param_norm = _reduce.l2(_report.layer_stats(params, state.depths, ids, n))
+      ratio = _report.ratio(values[0], param_norm)
+    stats = FlowStats(*(v.astype(dtype) for v in (*values, param_norm, ratio)))
+    slot = state.count % state.flow_history.norm.shape[0]
+    past = jax.tree.map(lambda h, s: jnp.asarray(h).at[slot].set(s), state.flow_history, stats)
+    new_state = GradientFlowState(optax.safe_increment(state.count), stats, past, state.depths)
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _find_tracker(opt_state: Any, index: int | None) -> GradientFlowState:
+  found = [
+    v
+    for _, v in optax.tree.get_all_with_path(opt_state, "GradientFlowState")
+    if isinstance(v, GradientFlowState)
+  ]
+  if not found:
+    raise ValueError(
+      "opt_state holds no `track_gradient_flow` state; add `odn.track_gradient_flow()` "
+      "to the optimizer, e.g. `optax.chain(odn.track_gradient_flow(), optax.adam(1e-3))`."
+    )
+  if index is None and len(found) > 1:
+    raise ValueError(
+      f"opt_state holds {len(found)} `track_gradient_flow` states; pick one with "
+      "`index=` (0 for the first in the chain)."
+    )
+  # Plain arrays also where `nnx.Optimizer` wraps the state's arrays in `nnx.OptArray`s.
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  return jax.tree.map(jnp.asarray, found[index or 0], is_leaf=is_variable)
+
+
+def _names(state: GradientFlowState, params: Any, depths: Any, stack_axis: Any) -> tuple:
+  """(names, depths, sizes) of the tracker's rows, from the depths in its state.
+
+  Inside `jit` the state's depths are traced; then the rows are labelled from
+  `params` with `depths` and `stack_axis`, as the tracker's `init` did.
+  """
+  stored = state.depths
+  traced = any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(stored))
+  if not traced and isinstance(stored, Mapping):
+    stored = _layers.concrete(stored)
+    if params is not None:
+      table = _report.rows(params, stored)
+      return table.names, table.depths, table.sizes
+    return _names_from_paths(stored)
+  if params is None:
+    n = state.flow.norm.shape[-1]
+    return tuple(f"layer_{i}" for i in range(n)), tuple(range(n)), (-1,) * n
+  table = _report.rows(params, _layers.resolve(params, depths, stack_axis))
+  return table.names, table.depths, table.sizes
+
+
+def _names_from_paths(stored: dict[str, np.ndarray]) -> tuple:
+  """Rows named from the state's leaf paths alone (sizes unknown: -1)."""
+  names: dict[int, list[str]] = {}
+  for path, d in stored.items():
+    parent, _, last = path.rpartition("/")
+    layer = path if last.isdigit() or not parent else parent
+    for k, v in enumerate(np.reshape(d, -1)):
+      if v >= 0:
+        names.setdefault(int(v), []).append(layer if not np.ndim(d) else f"{layer}[{k}]")
+  order = tuple(sorted(names))
+  return tuple(_report._row_name(names[d]) for d in order), order, (-1,) * len(order)
+
+
+def flow_from_state(
+  opt_state: Any,
+  params: Any = None,
+  *,
+  depths: Any = None,
+  stack_axis: Any = None,
+  history: bool = False,
+  index: int | None = None,
+) -> FlowReport:
+  """Reads the statistics of `track_gradient_flow` out of any optax state.
+
+  The tracker's state is found however deeply it is nested (`optax.chain`,
+  `optax.inject_hyperparams`, `optax.MultiSteps`, `optax.partition`,
+  `optax.masked`).
+
+  Args:
+    opt_state: an optimizer state that contains one `track_gradient_flow`.
+    params: a tree with the paths of the params the optimizer was initialized
+      with (values unused), for the layers' sizes. Rows are named from the
+      depths the tracker keeps in its state, so each name sits beside its own
+      layer's values whatever the key order of `params`; without `params`
+      names come from the state's paths and sizes are unknown (-1).
+    depths: inside `jit` only (where the state's depths are traced): the
+      `depths` the tracker was built with, to label the rows from `params`.
+    stack_axis: inside `jit` only: the `stack_axis` the tracker was built with.
+    history: ``False``: the latest step (works inside `jit`); ``True``: the
+      recorded steps, oldest first, each array of shape ``(steps, n_layers)``
+      (needs concrete values: call it outside `jit`).
+    index: which tracker, when the state holds several (0: the first).
+
+  Returns:
+    A `FlowReport`; its ``step`` holds the 0-based step of each row (-1 before
+    any update).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_depthnorm as odn
+    >>> params = {"w": jnp.ones(3)}
+    >>> opt = optax.MultiSteps(optax.chain(odn.track_gradient_flow(history=2),
+    ...                                    optax.sgd(0.1)), every_k_schedule=1)
+    >>> state = opt.init(params)
+    >>> for scale in (1.0, 2.0, 3.0):
+    ...   _, state = opt.update({"w": scale * jnp.ones(3)}, state, params)
+    >>> past = odn.flow_from_state(state, params, history=True)
+    >>> print(past.step, past.mean_abs[:, 0])
+    [1 2] [2. 3.]
+  """
+  state = _find_tracker(opt_state, index)
+  n = state.flow.norm.shape[-1]
+  paths, depth_labels, sizes = _names(state, params, depths, stack_axis)
+  if len(depth_labels) != n:
+    raise ValueError(LAYER_MISMATCH_MSG.format(expected=n, got=len(depth_labels)))
+  if not history:
+    stats, step = state.flow, state.count - 1
+  else:
+    if isinstance(state.count, jax.core.Tracer):
+      raise TypeError(TRACED_MSG.format(what="flow_from_state(..., history=True)"))
+    count, size = int(state.count), state.flow_history.norm.shape[0]
+    step = np.arange(max(count - size, 0), count)
+    stats = jax.tree.map(lambda h: h[step % size], state.flow_history)
+    step = jnp.asarray(step, jnp.int32)
+  return FlowReport(paths, depth_labels, sizes, "gradient", *stats, step=step)

@@ -1,0 +1,87 @@
+"""The one safe reduction (`_reduce`): no overflow, no underflow, one implementation for all."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_depthnorm as odn
+from optax_depthnorm import _layers, _reduce
+from tests.tolerance import RTOL
+
+
+def _norm64(x) -> float:
+  x = np.asarray(x, np.float64)
+  return float(np.sqrt(np.sum(np.square(x))))
+
+
+# From 1e-36: XLA flushes float32 subnormals (below 1.2e-38) to zero.
+@pytest.mark.parametrize("scale", [1e-36, 1e-30, 1e-22, 1e-19, 1.0, 1e16, 2e16, 1e19, 1e30])
+def test_l2_matches_float64_across_float32_range(scale):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32)) * scale, jnp.float32)
+  got = float(_reduce.l2(_reduce.sums(x)).squeeze())
+  np.testing.assert_allclose(got, _norm64(x), rtol=RTOL)
+
+
+def test_sums_add_across_pieces_and_segments():
+  rng = np.random.default_rng(1)
+  parts = [
+    jnp.asarray(rng.normal(size=s) * m, jnp.float32)
+    for s, m in [((3, 4), 1e-25), ((5,), 1e20), ((2, 2), 1.0)]
+  ]
+  whole = jnp.concatenate([jnp.reshape(p, -1) for p in parts])
+  pieces = [_reduce.sums(p) for p in parts]
+  together = _layers.layer_sums(pieces, jnp.zeros(3, jnp.int32), 1)
+  np.testing.assert_allclose(float(_reduce.l2(together)[0]), _norm64(whole), rtol=RTOL)
+  apart = _layers.layer_sums(pieces, jnp.asarray([0, 1, -1]), 2)
+  np.testing.assert_allclose(_reduce.l2(apart), [_norm64(parts[0]), _norm64(parts[1])], rtol=RTOL)
+  assert float(together.max[0]) == pytest.approx(float(jnp.max(jnp.abs(whole))))
+  assert int(together.size[0]) == whole.size
+
+
+def test_zero_nan_and_inf():
+  assert float(_reduce.l2(_reduce.sums(jnp.zeros(4))).squeeze()) == 0.0
+  assert np.isnan(_reduce.l2(_reduce.sums(jnp.asarray([1.0, jnp.nan])))).all()
+  assert np.isinf(_reduce.l2(_reduce.sums(jnp.asarray([1.0, jnp.inf])))).all()
+
+
+def test_norm_kinds_and_vector_norm():
+  x = jnp.asarray([[3.0, -4.0], [0.0, 1e-30]], jnp.float32)
+  s = _reduce.sums(x)
+  assert float(_reduce.norm(s, "l1").squeeze()) == pytest.approx(7.0)
+  assert float(_reduce.norm(s, "max").squeeze()) == 4.0
+  assert float(_reduce.norm(s, "rms").squeeze()) == pytest.approx(2.5)
+  np.testing.assert_allclose(_reduce.vector_norm(x, axis=-1), [5.0, 1e-30], rtol=RTOL)
+
+
+def test_huge_gradient_normalizes_to_norm_one():
+  grads = {"Dense_0": {"kernel": jnp.full((1000, 1000), 2e16, jnp.float32)}}
+  tx = odn.layerwise_normalize()
+  out, _ = jax.jit(tx.update)(grads, tx.init(grads))
+  np.testing.assert_allclose(_norm64(out["Dense_0"]["kernel"]), 1.0, rtol=RTOL)
+
+
+def test_tiny_gradient_with_tiny_eps_normalizes_to_norm_one():
+  grads = {"Dense_0": {"kernel": jnp.full((30, 30), 1e-22, jnp.float32)}}
+  for group in ("leaf", "layer"):
+    tx = odn.layerwise_normalize(eps=1e-30, group=group)
+    out, _ = jax.jit(tx.update)(grads, tx.init(grads))
+    np.testing.assert_allclose(_norm64(out["Dense_0"]["kernel"]), 1.0, rtol=RTOL)
+
+
+def test_bgn_of_a_huge_cotangent_has_norm_kappa():
+  x = jnp.ones((8, 16), jnp.float32)
+  _, pullback = jax.vjp(lambda v: odn.bgn(v, 3.0), x)
+  (g,) = pullback(jnp.full((8, 16), 1e20, jnp.float32))
+  np.testing.assert_allclose(_norm64(g), 3.0, rtol=RTOL)
+
+
+def test_gradient_flow_of_huge_and_tiny_layers():
+  grads = {
+    "Dense_0": {"kernel": jnp.full((1000, 1000), 2e16, jnp.float32)},
+    "Dense_1": {"kernel": jnp.full((30, 30), 1e-22, jnp.float32)},
+  }
+  report = odn.gradient_flow(grads)
+  np.testing.assert_allclose(report.norm, [2e19, 3e-21], rtol=RTOL)
