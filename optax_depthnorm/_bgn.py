@@ -34,11 +34,12 @@ def _bgn_fwd(x, kappa, eps, per_example, axis_name):
 
 def _bgn_bwd(per_example, axis_name, residuals, g):
   kappa, eps = residuals
-  parts = _reduce.sums(g, (0,) if per_example and g.ndim else ())
-  if axis_name is not None and not (per_example and g.ndim):
-    psum = lambda v: jax.lax.psum(v, axis_name)
-    parts = _reduce.combine(parts, (psum, lambda v: jax.lax.pmax(v, axis_name)))
-  inverse = _tree.safe_ratio(1, _reduce.l2(parts), eps)
+  keep = (0,) if per_example and g.ndim else ()
+  if axis_name is not None and not keep:  # a collective: Blue's ranges, no fast path
+    norm = _reduce.l2_ranges([g], [keep], lambda vs: jax.lax.psum(vs[0], axis_name))
+  else:
+    norm = _reduce.l2([g], [keep], lambda vs: vs[0], _reduce.sums(g, keep))
+  inverse = _tree.safe_ratio(1, norm, eps)
   return _tree.scale_leaf(g, inverse, kappa), None, None
 
 

@@ -154,7 +154,7 @@ def keep_axes(depth: Any) -> tuple[int, ...]:
 def leaf_sums(x: jax.Array, depth: Any) -> _reduce.Sums:
   """`_reduce.Sums` of one leaf, per slice: shaped like its depth array."""
   parts = _reduce.sums(x, keep_axes(depth))
-  return jax.tree.map(lambda v: jnp.reshape(v, np.shape(depth)), parts)
+  return _reduce.Sums(*(jnp.reshape(v, np.shape(depth)) for v in parts))
 
 
 def concat(values: list[Any]) -> jax.Array:
@@ -184,19 +184,55 @@ def dense_ranks(d: jax.Array) -> jax.Array:
   return jnp.where(d >= 0, rank[jnp.searchsorted(s, d)], NOT_A_LAYER)
 
 
-def layer_sums(sums: list[_reduce.Sums], ids: jax.Array, n: int) -> _reduce.Sums:
-  """Per-slice `Sums` of every leaf gathered into `n` layers by `ids` (-1: none).
+def gatherer(found: list[Leaf], ids: Any = None, n: int | None = None):
+  """A function that gathers per-leaf values (per slice) into layers.
 
-  Args:
-    sums: `leaf_sums` of each leaf.
-    ids: the layer of each slice, the slices of all leaves in order (`concat`).
-    n: the number of layers.
+  With `ids` (the layer of every slice, in `concat` order; -1: none) and `n`
+  layers it sums (or, with ``how="max"``, maxes) the slices of each layer;
+  without, every slice is its own layer (a flat vector of all slices).
   """
-  flat = _reduce.Sums(*(concat([getattr(s, f) for s in sums]) for f in _reduce.Sums._fields))
-  ids = jnp.where(ids < 0, n, ids)
-  add = lambda v: jax.ops.segment_sum(v, ids, n)
-  top = lambda v: jnp.maximum(jax.ops.segment_max(v, ids, n), 0)
-  return _reduce.combine(flat, (add, top))
+
+  def gather(values: list[Any], how: str = "sum") -> jax.Array:
+    flat = concat([jnp.reshape(v, np.shape(f.depth)) for v, f in zip(values, found)])
+    if ids is None:
+      return flat
+    index = jnp.where(jnp.asarray(ids) < 0, n, ids)
+    if how == "max":
+      return jnp.maximum(jax.ops.segment_max(flat, index, n), 0)
+    return jax.ops.segment_sum(flat, index, n)
+
+  return gather
+
+
+def layer_stats(
+  xs: list[jax.Array],
+  found: list[Leaf],
+  ids: Any = None,
+  n: int | None = None,
+  l2: bool = True,
+  exact_zero: bool = False,
+) -> tuple[_reduce.Sums, jax.Array | None]:
+  """Per-layer `_reduce.Sums` and safe L2 norms of the leaves `xs` (see `gatherer`).
+
+  One read of each leaf in the common case; the L2 norms are recomputed in
+  Blue's three ranges only where a layer's sum of squares is out of range.
+  Slices at depth -1 never trigger that (`exact_zero`: see `_reduce.l2`).
+  """
+  sums = [leaf_sums(x, f.depth) for x, f in zip(xs, found)]
+  gather = gatherer(found, ids, n)
+  totals = _reduce.Sums(
+    gather([s.sq for s in sums]),
+    gather([s.abs for s in sums]),
+    gather([s.max for s in sums], "max"),
+    gather([s.size for s in sums]),
+  )
+  if not l2:
+    return totals, None
+  active = None
+  if ids is None:  # every slice is a layer: those at depth -1 are left alone anyway
+    active = concat([jnp.asarray(f.depth) for f in found]) >= 0
+  keeps = [keep_axes(f.depth) for f in found]
+  return totals, _reduce.l2(xs, keeps, gather, totals, active, exact_zero)
 
 
 def per_leaf(values: jax.Array, ids: jax.Array, leaves: list[Leaf], fill: float = 1.0) -> list:

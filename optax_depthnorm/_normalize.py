@@ -69,16 +69,12 @@ def _check_last_layer(target: Target, stored: dict[str, np.ndarray], tree: Any) 
 
 def _deepest_norm(tree: Any, stored: _layers.Depths, norm: str) -> jax.Array:
   """The norm of the deepest layer of `tree` (all its leaves and slices together)."""
-  _, _, found = _layers.read(tree, stored)
-  sums = [_layers.leaf_sums(x, leaf.depth) for x, leaf in zip(_floats(tree, found), found)]
+  leaves, _, found = _layers.read(tree, stored)
   d = _layers.concat([leaf.depth for leaf in found])
   ids = jnp.where(d == jnp.max(d), 0, -1)
-  return _reduce.norm(_layers.layer_sums(sums, ids, 1), norm)[0]
-
-
-def _floats(tree: Any, found: list[_layers.Leaf]) -> list[jax.Array]:
-  leaves = [x for _, x in _tree.flatten(tree)[0]]
-  return [leaves[leaf.index] for leaf in found]
+  xs = [leaves[leaf.index] for leaf in found]
+  totals, l2 = _layers.layer_stats(xs, found, ids, 1, l2=norm in ("l2", "rms"))
+  return _reduce.norm(l2, totals, norm)[0]
 
 
 def _target_value(target: Target, updates: Any, params: Any, stored: Any, norm: str) -> Any:
@@ -95,14 +91,15 @@ def _target_value(target: Target, updates: Any, params: Any, stored: Any, norm: 
 
 def _block_norms(leaves: list[Any], found: list[_layers.Leaf], group: str, norm: str) -> list:
   """The norm of each leaf's block, shaped like its depth (per slice for stacks)."""
-  sums = [_layers.leaf_sums(leaves[leaf.index], leaf.depth) for leaf in found]
-  if group == "leaf":
-    return [_reduce.norm(s, norm) for s in sums]
+  xs = [leaves[leaf.index] for leaf in found]
+  need_l2 = norm in ("l2", "rms")
+  if group == "leaf":  # every leaf (every slice) is its own block
+    totals, l2 = _layers.layer_stats(xs, found, l2=need_l2)
+    return _layers.split(_reduce.norm(l2, totals, norm), [leaf.depth for leaf in found])
   d = _layers.concat([leaf.depth for leaf in found])
-  ids = jnp.searchsorted(jnp.sort(d), d)  # one id per distinct depth
-  ids = jnp.where(d >= 0, ids, -1)
-  norms = _reduce.norm(_layers.layer_sums(sums, ids, d.shape[0]), norm)
-  return _layers.per_leaf(norms, ids, found)
+  ids = jnp.where(d >= 0, jnp.searchsorted(jnp.sort(d), d), -1)  # one id per distinct depth
+  totals, l2 = _layers.layer_stats(xs, found, ids, d.shape[0], l2=need_l2)
+  return _layers.per_leaf(_reduce.norm(l2, totals, norm), ids, found)
 
 
 def layerwise_normalize(

@@ -147,15 +147,12 @@ def _sibling_order(
   return by_number
 
 
-def layer_ranks(
-  tree: Any, keys: list[Key], *, warn: bool = True, in_order: bool = False
-) -> dict[Key, int]:
+def layer_ranks(tree: Any, keys: list[Key], *, in_order: bool = False) -> dict[Key, int]:
   """The rank (0: input side) of each layer key, in the order the tree tells.
 
   Args:
     tree: the tree the keys come from (read for its mappings' key order).
     keys: the distinct ordering key of every layer, in flatten order.
-    warn: whether to warn (`DepthOrderWarning`) where the order is ambiguous.
     in_order: every mapping of `tree` holds creation order, even where it is the
       sorted one (the dicts `nnx_ordered_params` builds from an NNX module).
 
@@ -169,7 +166,7 @@ def layer_ranks(
     prefix: {n: i for i, n in enumerate(_sibling_order(prefix, names, orders, ambiguous, in_order))}
     for prefix, names in children.items()
   }
-  if ambiguous and warn:
+  if ambiguous:
     warnings.warn(
       "The tree does not tell the order of these sibling layers (their keys are sorted, "
       "as `jax.jit`, `jax.grad`, `jax.eval_shape` and `nnx.State` give them, and their "

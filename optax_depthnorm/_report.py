@@ -188,18 +188,17 @@ def _float_dtype(leaves: Sequence[Any]) -> Any:
   return _tree.acc_dtype(*(x.dtype for x in leaves if _tree.is_float_leaf(x)))
 
 
-def layer_stats(tree: Any, stored: Any, ids: Any, n: int) -> _reduce.Sums:
-  """`_reduce.Sums` of each of the `n` rows of `tree` (depths by path, row ids per slice)."""
+def layer_stats(tree: Any, stored: Any, ids: Any, n: int) -> tuple[_reduce.Sums, jax.Array]:
+  """`_reduce.Sums` and safe L2 norms of the `n` rows of `tree` (depths by path, ids per slice)."""
   leaves, _, found = _layers.read(tree, stored)
-  sums = [_layers.leaf_sums(leaves[f.index], f.depth) for f in found]
-  return _layers.layer_sums(sums, jnp.asarray(ids), n)
+  xs = [leaves[f.index] for f in found]
+  return _layers.layer_stats(xs, found, jnp.asarray(ids), n, exact_zero=True)
 
 
-def stats(parts: _reduce.Sums) -> list[jax.Array]:
-  """(L2 norm, mean |g|, max |g|, RMS) of each row, from its `Sums`."""
-  norm = _reduce.l2(parts)
-  size = jnp.maximum(parts.size, 1)
-  return [norm, parts.abs / size, parts.max, norm / jnp.sqrt(size)]
+def stats(totals: _reduce.Sums, norm: jax.Array) -> list[jax.Array]:
+  """(L2 norm, mean |g|, max |g|, RMS) of each row."""
+  size = jnp.maximum(totals.size, 1)
+  return [norm, totals.abs / size, totals.max, norm / jnp.sqrt(size)]
 
 
 def ratio(norm: jax.Array, param_norm: jax.Array) -> jax.Array:
@@ -265,10 +264,10 @@ def gradient_flow(
   stored = _layers.resolve(grads, depths, stack_axis)
   table = rows(grads, stored)
   dtype = _float_dtype(jax.tree.leaves(grads))
-  norm, mean_abs, max_abs, rms = stats(layer_stats(grads, stored, table.ids, len(table.depths)))
+  norm, mean_abs, max_abs, rms = stats(*layer_stats(grads, stored, table.ids, len(table.depths)))
   param_norm = ratio_ = None
   if params is not None:
-    param_norm = _reduce.l2(layer_stats(params, stored, table.ids, len(table.depths)))
+    param_norm = layer_stats(params, stored, table.ids, len(table.depths))[1]
     ratio_ = ratio(norm, param_norm)
   values = [v if v is None else v.astype(dtype) for v in (norm, mean_abs, max_abs, rms)]
   extra = [v if v is None else v.astype(dtype) for v in (param_norm, ratio_)]

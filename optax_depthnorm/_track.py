@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from optax_depthnorm import _depths, _layers, _reduce, _report
+from optax_depthnorm import _depths, _layers, _report
 from optax_depthnorm._report import TRACED_MSG, FlowReport
 
 LAYER_MISMATCH_MSG = (
@@ -149,11 +149,11 @@ def track_gradient_flow(
     every = list(state.depths.values()) if isinstance(state.depths, Mapping) else []
     d = _layers.concat([*every, *(leaf.depth for leaf in found)]).astype(jnp.int32)
     ids = _layers.dense_ranks(d)[d.shape[0] - sum(int(np.size(f.depth)) for f in found) :]
-    values = _report.stats(_report.layer_stats(updates, state.depths, ids, n))
+    values = _report.stats(*_report.layer_stats(updates, state.depths, ids, n))
     missing = jnp.full((n,), jnp.nan, dtype)
     param_norm = ratio = missing
     if params is not None:
-      param_norm = _reduce.l2(_report.layer_stats(params, state.depths, ids, n))
+      param_norm = _report.layer_stats(params, state.depths, ids, n)[1]
       ratio = _report.ratio(values[0], param_norm)
     stats = FlowStats(*(v.astype(dtype) for v in (*values, param_norm, ratio)))
     slot = state.count % state.flow_history.norm.shape[0]

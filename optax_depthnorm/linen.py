@@ -21,9 +21,10 @@ from typing import Any, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from optax_depthnorm import _layers, _reduce, _report
+from optax_depthnorm import _layers, _report
 from optax_depthnorm._bgn import bgn
 from optax_depthnorm._report import FlowReport
 
@@ -220,9 +221,9 @@ def activation_gradient_norms(
   zeros = [jnp.zeros(s.shape, s.dtype) for _, s in record]
   grads = jax.grad(loss)(zeros)
   dtype = _report._float_dtype(grads)
-  n = len(grads)
-  parts = _layers.layer_sums([_reduce.sums(g) for g in grads], jnp.arange(n), n)
-  norm, mean_abs, max_abs, rms = (v.astype(dtype) for v in _report.stats(parts))
+  found = [_layers.Leaf(i, name, np.zeros((), np.int32)) for i, (name, _) in enumerate(record)]
+  stats = _report.stats(*_layers.layer_stats(grads, found, exact_zero=True))
+  norm, mean_abs, max_abs, rms = (v.astype(dtype) for v in stats)
   paths = tuple(name for name, _ in record)
   sizes = tuple(math.prod(s.shape) for _, s in record)
   return FlowReport(

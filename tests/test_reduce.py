@@ -12,6 +12,10 @@ from optax_depthnorm import _layers, _reduce
 from tests.tolerance import RTOL
 
 
+def _l2(x, keep=()) -> jax.Array:
+  return _reduce.l2([x], [keep], lambda vs: vs[0], _reduce.sums(x, keep))
+
+
 def _norm64(x) -> float:
   x = np.asarray(x, np.float64)
   return float(np.sqrt(np.sum(np.square(x))))
@@ -21,38 +25,48 @@ def _norm64(x) -> float:
 @pytest.mark.parametrize("scale", [1e-36, 1e-30, 1e-22, 1e-19, 1.0, 1e16, 2e16, 1e19, 1e30])
 def test_l2_matches_float64_across_float32_range(scale):
   x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32)) * scale, jnp.float32)
-  got = float(_reduce.l2(_reduce.sums(x)).squeeze())
+  got = float(_l2(x).squeeze())
   np.testing.assert_allclose(got, _norm64(x), rtol=RTOL)
+  # the careful path, taken where any layer is out of range, agrees where all are in range
+  careful = float(_reduce.l2_ranges([x], [()], lambda vs: vs[0]).squeeze())
+  np.testing.assert_allclose(careful, _norm64(x), rtol=RTOL)
 
 
-def test_sums_add_across_pieces_and_segments():
+def test_layer_stats_add_across_pieces_and_segments():
   rng = np.random.default_rng(1)
-  parts = [
-    jnp.asarray(rng.normal(size=s) * m, jnp.float32)
-    for s, m in [((3, 4), 1e-25), ((5,), 1e20), ((2, 2), 1.0)]
-  ]
-  whole = jnp.concatenate([jnp.reshape(p, -1) for p in parts])
-  pieces = [_reduce.sums(p) for p in parts]
-  together = _layers.layer_sums(pieces, jnp.zeros(3, jnp.int32), 1)
-  np.testing.assert_allclose(float(_reduce.l2(together)[0]), _norm64(whole), rtol=RTOL)
-  apart = _layers.layer_sums(pieces, jnp.asarray([0, 1, -1]), 2)
-  np.testing.assert_allclose(_reduce.l2(apart), [_norm64(parts[0]), _norm64(parts[1])], rtol=RTOL)
-  assert float(together.max[0]) == pytest.approx(float(jnp.max(jnp.abs(whole))))
-  assert int(together.size[0]) == whole.size
+  shapes = [((3, 4), 1e-25), ((5,), 1e20), ((2, 2), 1.0)]
+  parts = [jnp.asarray(rng.normal(size=s) * m, jnp.float32) for s, m in shapes]
+  found = [_layers.Leaf(i, str(i), np.zeros((), np.int32)) for i in range(3)]
+  whole = np.concatenate([np.reshape(p, -1) for p in parts])
+  totals, norm = _layers.layer_stats(parts, found, jnp.zeros(3, jnp.int32), 1)
+  np.testing.assert_allclose(float(norm[0]), _norm64(whole), rtol=RTOL)
+  assert float(totals.max[0]) == pytest.approx(float(np.max(np.abs(whole))))
+  assert int(totals.size[0]) == whole.size
+  _, apart = _layers.layer_stats(parts, found, jnp.asarray([0, 1, -1]), 2)
+  np.testing.assert_allclose(apart, [_norm64(parts[0]), _norm64(parts[1])], rtol=RTOL)
+  _, each = _layers.layer_stats(parts, found)
+  np.testing.assert_allclose(each, [_norm64(p) for p in parts], rtol=RTOL)
+
+
+def test_stacked_slices_are_reduced_apart():
+  x = jnp.asarray(np.stack([np.full((4, 4), 1e-25), np.full((4, 4), 1.0)]), jnp.float32)
+  found = [_layers.Leaf(0, "w", np.asarray([0, 1], np.int32).reshape(2, 1, 1))]
+  _, norm = _layers.layer_stats([x], found)
+  np.testing.assert_allclose(norm, [4e-25, 4.0], rtol=RTOL)
 
 
 def test_zero_nan_and_inf():
-  assert float(_reduce.l2(_reduce.sums(jnp.zeros(4))).squeeze()) == 0.0
-  assert np.isnan(_reduce.l2(_reduce.sums(jnp.asarray([1.0, jnp.nan])))).all()
-  assert np.isinf(_reduce.l2(_reduce.sums(jnp.asarray([1.0, jnp.inf])))).all()
+  assert float(_l2(jnp.zeros(4)).squeeze()) == 0.0
+  assert np.isnan(_l2(jnp.asarray([1.0, jnp.nan]))).all()
+  assert np.isinf(_l2(jnp.asarray([1.0, jnp.inf]))).all()
 
 
 def test_norm_kinds_and_vector_norm():
   x = jnp.asarray([[3.0, -4.0], [0.0, 1e-30]], jnp.float32)
-  s = _reduce.sums(x)
-  assert float(_reduce.norm(s, "l1").squeeze()) == pytest.approx(7.0)
-  assert float(_reduce.norm(s, "max").squeeze()) == 4.0
-  assert float(_reduce.norm(s, "rms").squeeze()) == pytest.approx(2.5)
+  s, n = _reduce.sums(x), _l2(x)
+  assert float(_reduce.norm(n, s, "l1").squeeze()) == pytest.approx(7.0)
+  assert float(_reduce.norm(n, s, "max").squeeze()) == 4.0
+  assert float(_reduce.norm(n, s, "rms").squeeze()) == pytest.approx(2.5)
   np.testing.assert_allclose(_reduce.vector_norm(x, axis=-1), [5.0, 1e-30], rtol=RTOL)
 
 
