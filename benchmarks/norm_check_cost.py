@@ -80,8 +80,12 @@ def variants() -> dict:
 
 
 def main(argv: list[str] | None = None):
+  original = transform_overhead.variants
   transform_overhead.variants = variants
-  return transform_overhead.main(argv)
+  try:
+    return transform_overhead.main(argv)
+  finally:
+    transform_overhead.variants = original
 
 
 if __name__ == "__main__":

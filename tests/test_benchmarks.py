@@ -53,3 +53,18 @@ def test_scale_overhead_times_every_mode_on_both_trees(bench, capsys):
     ]
     assert tree["results"][0]["ratio"] == 1.0
   assert "| sgd+scale_normalize(determinant) |" in capsys.readouterr().out.split("Side by side")[1]
+
+
+def test_norm_check_cost_times_every_way_and_they_agree(bench):
+  module = bench("norm_check_cost")
+  result = module.main(TINY)
+  assert [r["variant"] for r in result["results"]] == ["adam", *module.KINDS]
+  import jax.numpy as jnp
+  import numpy as np
+
+  leaves = [jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32), jnp.ones(4)]
+  plain = module._norms("plain", leaves)
+  for kind in module.KINDS[1:]:
+    np.testing.assert_allclose(module._norms(kind, leaves), plain, rtol=1e-5)
+  tiny = [jnp.full((3,), 1e-25, jnp.float32)]
+  np.testing.assert_allclose(module._norms("global_cond", tiny), [np.sqrt(3) * 1e-25], rtol=1e-5)
