@@ -88,17 +88,21 @@ def _ranges(x: jax.Array, keep: tuple[int, ...]) -> tuple[jax.Array, jax.Array, 
   c = _blue(a.dtype)
   total = lambda v: jnp.sum(v, axis=_axes(x, keep), keepdims=True)
   is_small, is_big = a < c.tsml, a > c.tbig
+  # The barrier keeps XLA from rewriting (a c)^2 as a^2 c^2, which under- or
+  # overflows exactly where the scaling is needed (seen on 1-element leaves).
+  up, down = jax.lax.optimization_barrier((a * c.ssml, a * c.sbig))
   return (
-    total(jnp.where(is_small, jnp.square(a * c.ssml), 0)),
+    total(jnp.where(is_small, jnp.square(up), 0)),
     total(jnp.where(is_small | is_big, 0, jnp.square(a))),  # NaN lands here, and shows
-    total(jnp.where(is_big, jnp.square(a * c.sbig), 0)),
+    total(jnp.where(is_big, jnp.square(down), 0)),
   )
 
 
 def _blue_l2(small: jax.Array, medium: jax.Array, big: jax.Array) -> jax.Array:
   """The L2 norm from Blue's three sums, as LAPACK's ``xNRM2`` combines them."""
   c = _blue(medium.dtype)
-  from_big = jnp.sqrt(big + (medium * c.sbig) * c.sbig) / c.sbig
+  # a barrier again: folded to one constant, sbig * sbig underflows to 0
+  from_big = jnp.sqrt(big + jax.lax.optimization_barrier(medium * c.sbig) * c.sbig) / c.sbig
   lo, hi = jnp.sqrt(small) / c.ssml, jnp.sqrt(medium)
   lo, hi = jnp.minimum(lo, hi), jnp.maximum(lo, hi)
   mixed = hi * jnp.sqrt(1 + jnp.square(lo / jnp.where(hi > 0, hi, 1)))

@@ -55,6 +55,21 @@ def test_stacked_slices_are_reduced_apart():
   np.testing.assert_allclose(norm, [4e-25, 4.0], rtol=RTOL)
 
 
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (2,)])
+@pytest.mark.parametrize("value", [1e-30, 1e-19, 1e20, 1e30])
+def test_one_element_leaves_under_jit(shape, value):
+  # XLA rewrote (a c)^2 as a^2 c^2 on one-element leaves (no reduction in between)
+  x = jnp.full(shape, value, jnp.float32)
+  got = jax.jit(_l2)(x)
+  np.testing.assert_allclose(np.asarray(got, np.float64).squeeze(), _norm64(x), rtol=RTOL)
+
+
+def test_big_and_medium_entries_together_on_the_careful_path():
+  x = jnp.asarray([5e15, 1e15], jnp.float32)  # 5e15 in the "big" range, 1e15 not
+  got = jax.jit(lambda x: _reduce.l2_ranges([x], [()], lambda vs: vs[0]))(x)
+  np.testing.assert_allclose(float(got.squeeze()), _norm64(x), rtol=RTOL)
+
+
 def test_zero_nan_and_inf():
   assert float(_l2(jnp.zeros(4)).squeeze()) == 0.0
   assert np.isnan(_l2(jnp.asarray([1.0, jnp.nan]))).all()
