@@ -9,6 +9,7 @@ is a layer of its own. Layers are ranked in the order the tree tells (see
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Union
 
@@ -142,7 +143,7 @@ def compile_rule(rule: str | re.Pattern[str]) -> re.Pattern[str]:
 
 
 def _is_nnx_module(tree: Any) -> bool:
-  nnx = __import__("sys").modules.get("flax.nnx")
+  nnx = sys.modules.get("flax.nnx")  # not imported here: only an imported NNX makes modules
   return nnx is not None and isinstance(tree, nnx.Module)
 
 

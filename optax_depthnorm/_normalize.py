@@ -97,7 +97,7 @@ def _block_norms(leaves: list[Any], found: list[_layers.Leaf], group: str, norm:
     totals, l2 = _layers.layer_stats(xs, found, l2=need_l2)
     return _layers.split(_reduce.norm(l2, totals, norm), [leaf.depth for leaf in found])
   d = _layers.concat([leaf.depth for leaf in found])
-  ids = jnp.where(d >= 0, jnp.searchsorted(jnp.sort(d), d), -1)  # one id per distinct depth
+  ids = _layers.dense_ranks(d)  # one id per distinct depth, -1 for none
   totals, l2 = _layers.layer_stats(xs, found, ids, d.shape[0], l2=need_l2)
   return _layers.per_leaf(_reduce.norm(l2, totals, norm), ids, found)
 

@@ -151,36 +151,28 @@ def _row_name(names: list[str]) -> str:
 def rows(tree: Any, stored: dict[str, Any]) -> Rows:
   """The rows of `tree` from concrete depths by path (NumPy or concrete arrays).
 
-  Reads paths and shapes only (works on `jax.ShapeDtypeStruct`s).
+  Every stored depth has a row, a masked-out layer's too (size 0, in its
+  place, named by its leaves). Reads paths and shapes only (works on
+  `jax.ShapeDtypeStruct`s).
   """
-  leaves, _, found = _layers.read(tree, stored)
-  paths = [p for p, _ in _tree.flatten(tree)[0]]
-  d = np.concatenate([np.reshape(np.asarray(f.depth), -1) for f in found]) if found else []
-  # Every stored depth has a row, a masked-out layer's too (size 0, in its place).
+  _, _, found = _layers.read(tree, stored)
+  floating = {f.name for f in found}
   order = tuple(sorted({int(v) for a in stored.values() for v in np.reshape(a, -1) if v >= 0}))
   row = {depth: k for k, depth in enumerate(order)}
-  ids = np.asarray([row.get(int(v), -1) for v in d], np.int32)
   names: dict[int, list[str]] = {k: [] for k in range(len(order))}
   sizes = np.zeros(len(order), np.int64)
-  start = 0
-  for f in found:
-    x, layer = leaves[f.index], _depths.layer_name(paths[f.index])
-    slices = int(np.size(f.depth))
-    per = math.prod(x.shape) // slices
-    for k in range(slices):
-      r = ids[start + k]
-      if r >= 0:
-        names[r].append(layer if not np.ndim(f.depth) else f"{layer}[{k}]")
-        sizes[r] += per
-    start += slices
-  floating = {f.index for f in found}
-  masked = {_tree.path_name(p): p for i, p in enumerate(paths) if i not in floating}
-  for name, path in masked.items():  # leaves hidden by a mask name their (empty) rows
-    a = np.asarray(stored.get(name, _depths.NOT_A_LAYER))
+  for path, x in _tree.flatten(tree)[0]:
+    name = _tree.path_name(path)
+    if name not in stored:
+      continue
+    a, layer = np.asarray(stored[name]), _depths.layer_name(path)
+    per = math.prod(x.shape) // a.size if name in floating else 0
     for k, v in enumerate(np.reshape(a, -1)):
       if v >= 0:
-        layer = _depths.layer_name(path)
         names[row[int(v)]].append(layer if not a.ndim else f"{layer}[{k}]")
+        sizes[row[int(v)]] += per
+  d = np.concatenate([np.reshape(np.asarray(f.depth), -1) for f in found]) if found else []
+  ids = np.asarray([row.get(int(v), -1) for v in d], np.int32)
   return Rows(order, tuple(_row_name(names[k]) for k in names), tuple(map(int, sizes)), ids)
 
 
