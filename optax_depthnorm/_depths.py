@@ -15,7 +15,7 @@ from typing import Any, Union
 
 import jax
 
-from optax_depthnorm import _order, _stack, _tree
+from optax_depthnorm import _blocks, _order, _stack, _tree
 from optax_depthnorm._order import DepthOrderWarning
 from optax_depthnorm._stack import (
   NOT_A_LAYER,
@@ -148,7 +148,13 @@ def _is_nnx_module(tree: Any) -> bool:
 
 
 def layer_depths(
-  tree: Any, rule: DepthRule = None, *, reverse: bool = False, stack_axis: StackAxis = None
+  tree: Any,
+  rule: DepthRule = None,
+  *,
+  reverse: bool = False,
+  stack_axis: StackAxis = None,
+  granularity: _blocks.Granularity = "layer",
+  blocks: _blocks.Blocks = None,
 ) -> Any:
   r"""Labels every leaf of a parameter pytree with the depth of its layer.
 
@@ -194,6 +200,13 @@ def layer_depths(
       labelled with a `StackedDepth`: the slices of a block's sublayers
       interleave (slice ``i`` of sublayer ``j`` of ``J`` is at
       ``base + i J + j``), and the layers after it move down.
+    granularity: ``"layer"`` (a depth per layer, as above) or ``"block"``: one
+      id per repeated block, as BEiT's and MAE's layer-wise LR decay count
+      (see `infer_depths`): 0 for the layers before the first block, ``k + 1``
+      for every leaf of block ``k``, ``L + 1`` after the last of ``L`` blocks.
+    blocks: with ``granularity="block"``, a regex searched in each leaf's
+      ``'/'``-joined path whose first group captures its block index; None
+      finds the blocks by their names (see `infer_depths`).
 
   Returns:
     A pytree of Python ints (a `StackedDepth` for a stacked leaf) with the
@@ -222,10 +235,20 @@ def layer_depths(
     >>> d["Dense_0"]["kernel"].depths, d["Dense_1"]["kernel"].depths
     ((0, 2, 4), (1, 3, 5))
 
+    One id per block, as BEiT's and MAE's layer decay count (0 before, L+1 after):
+
+    >>> dense, norm = {"kernel": jnp.ones((2, 2))}, {"scale": jnp.ones(2)}
+    >>> block = lambda: {"LayerNorm_0": norm, "Dense_0": dense}
+    >>> vit = {"embedding": dense, "block_0": block(), "block_1": block(), "head": dense}
+    >>> ids = odn.layer_depths(vit, granularity="block")
+    >>> ids["embedding"]["kernel"], ids["block_1"]["LayerNorm_0"]["scale"], ids["head"]["kernel"]
+    (0, 2, 3)
+
   References:
     Kwiatkowski & Chang, "Gradient normalization & depth based decay for deep
     learning": the depth decay D_gamma(d) needs a depth d per layer.
   """
+  _blocks.check_granularity(granularity, blocks)
   in_order = _is_nnx_module(tree)  # definition order is known, even where it is sorted
   if in_order:
     tree = _order.nnx_ordered_params(tree)
@@ -234,9 +257,14 @@ def layer_depths(
   picked = [(p, x) for p, x in leaves_with_path if _tree.is_param_leaf(x)]
   paths, leaves = [p for p, _ in picked], [x for _, x in picked]
   found: list[Any] = _rule_depths(tree, rule, paths, leaves, in_order)
+  axes = _stack.stack_axes(stack_axis, [_tree.path_name(p) for p in paths], leaves)
   if stack_axis is not None:
-    axes = _stack.stack_axes(stack_axis, [_tree.path_name(p) for p in paths], leaves)
     found = _stack.expand_stacks(found, [layer_key(p) for p in paths], leaves, axes)
+  if granularity == "block":
+    groups = [
+      None if a is None else _stack.stack_group(a, layer_key(p)) for p, a in zip(paths, axes)
+    ]
+    found = _blocks.from_ranks([_tree.path_parts(p) for p in paths], found, groups, blocks)
   depths = iter(found)
   labels = [next(depths) if _tree.is_param_leaf(x) else NOT_A_LAYER for _, x in leaves_with_path]
   if reverse:

@@ -41,10 +41,13 @@ def depth_array(label: _depths.Depth, ndim: int) -> np.ndarray:
     return np.asarray(label, np.int32)
   # A leaf hidden by `optax.masked` (`MaskedNode`) has no shape: give the depths
   # just enough axes to hold the stack axis.
-  ndim = max(ndim, label.axis + 1 if label.axis >= 0 else -label.axis)
+  ndim = max([ndim, *(a + 1 if a >= 0 else -a for a in label.axes)])
   shape = [1] * ndim
-  shape[label.axis] = len(label)
-  return np.reshape(np.asarray(label.depths, np.int32), shape)
+  for a, n in zip(label.axes, label.shape):
+    shape[a] = n
+  axes = [a % ndim for a in label.axes]  # nested in `axes` order: put them in leaf order
+  values = np.transpose(np.asarray(label.depths, np.int32), np.argsort(axes))
+  return np.reshape(values, shape)
 
 
 def resolve(tree: Any, depths: Any, stack_axis: Any = None) -> dict[str, np.ndarray]:

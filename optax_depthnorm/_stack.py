@@ -32,54 +32,123 @@ def as_index(x: Any) -> int | None:
 
 @dataclasses.dataclass(frozen=True, init=False)
 class StackedDepth:
-  """The depths of a leaf that holds several layers along one axis.
+  """The depths of a leaf that holds several layers along one axis (or several).
 
   Flax ``nn.scan``, NNX ``vmap`` and Equinox ``filter_vmap`` stack ``L`` layers
   in one leaf of shape ``(L, ...)``. In a depth pytree such a leaf is labelled
   with a `StackedDepth` instead of an int: slice ``i`` along `axis` is a layer
   of its own at depth ``depths[i]`` (-1: not a layer). Every transform then
   treats each slice as its own layer (per-slice norms, decay factors, scales
-  and flow statistics), vectorized over the axis. A `StackedDepth` is a pytree
-  leaf: it is static data, like the ints beside it.
+  and flow statistics), vectorized over the axis. Nested scans (Flax
+  ``nn.remat_scan(lengths=(2, 3))`` stores six layers as ``(2, 3, ...)``) stack
+  along several axes: `axis` is then a tuple and `depths` nested, one level per
+  axis. A `StackedDepth` is a pytree leaf: it is static data, like the ints
+  beside it.
 
   Attributes:
-    depths: one depth per slice.
-    axis: the axis of the leaf that holds the layers.
+    depths: one depth per slice (nested tuples, one level per axis, for a
+      tuple `axis`).
+    axis: the axis of the leaf that holds the layers, or a tuple of axes.
 
   Example:
     >>> import optax_depthnorm as odn
     >>> odn.StackedDepth(range(1, 4), axis=0)
     StackedDepth(depths=(1, 2, 3), axis=0)
+    >>> odn.StackedDepth([[0, 1, 2], [3, 4, 5]], axis=(0, 1)).shape
+    (2, 3)
   """
 
-  depths: tuple[int, ...]
-  axis: int
+  depths: tuple[Any, ...]
+  axis: int | tuple[int, ...]
 
-  def __init__(self, depths: Iterable[int], axis: int = 0) -> None:
-    values = tuple(as_index(d) for d in depths)
-    if not values or any(d is None or d < NOT_A_LAYER for d in values):
+  def __init__(self, depths: Iterable[Any], axis: int | tuple[int, ...] = 0) -> None:
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+    if not axes or any(as_index(a) is None for a in axes):
+      raise TypeError(f"StackedDepth axis must be an int or a tuple of ints, got {axis!r}.")
+    values = _nested(depths, len(axes))
+    if values is None:
       raise ValueError(
-        f"StackedDepth needs one integer depth >= {NOT_A_LAYER} per slice, got {depths!r}."
+        f"StackedDepth needs one integer depth >= {NOT_A_LAYER} per slice (nested "
+        f"{len(axes)} deep, rectangular, for axis={axis!r}), got {depths!r}."
       )
-    if as_index(axis) is None:
-      raise TypeError(f"StackedDepth axis must be an int, got {type(axis).__name__}.")
     object.__setattr__(self, "depths", values)
-    object.__setattr__(self, "axis", int(axis))
+    object.__setattr__(self, "axis", int(axes[0]) if not isinstance(axis, (tuple, list)) else axes)
+
+  @property
+  def axes(self) -> tuple[int, ...]:
+    """The stack axes, as a tuple."""
+    return self.axis if isinstance(self.axis, tuple) else (self.axis,)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The number of slices along each stack axis."""
+    shape, d = [], self.depths
+    for _ in self.axes:
+      shape.append(len(d))
+      d = d[0]
+    return tuple(shape)
+
+  @property
+  def flat(self) -> tuple[int, ...]:
+    """Every slice's depth, in row-major order over the stack axes."""
+    d = self.depths
+    for _ in self.axes[1:]:
+      d = tuple(x for row in d for x in row)
+    return d
 
   def __len__(self) -> int:
-    return len(self.depths)
+    return len(self.flat)
+
+  def with_axes(self, axes: tuple[int, ...]) -> StackedDepth:
+    """The same depths on other axes (as an int for one axis)."""
+    return StackedDepth(self.depths, axes if isinstance(self.axis, tuple) else axes[0])
+
+  def with_flat(self, values: Iterable[int]) -> StackedDepth:
+    """A stack of the same shape and axes holding `values` (row-major, as `flat`)."""
+    return StackedDepth(_reshape(list(values), self.shape), self.axis)
 
   def map(self, fn: Callable[[int], int]) -> StackedDepth:
     """The same stack with `fn` applied to every depth but -1."""
-    return StackedDepth([fn(d) if d != NOT_A_LAYER else d for d in self.depths], self.axis)
+    return self.with_flat(fn(d) if d != NOT_A_LAYER else d for d in self.flat)
 
   def text(self) -> str:
     """The depths in short: ``1..12`` for a run, ``1,5,..,45`` otherwise."""
-    d = self.depths
+    d = self.flat
     if len(d) > 1 and d == tuple(range(d[0], d[0] + len(d))):
       return f"{d[0]}..{d[-1]}"
     shown = [str(x) if x != NOT_A_LAYER else "-" for x in d]
     return ",".join(shown) if len(d) <= 3 else f"{shown[0]},{shown[1]},..,{shown[-1]}"
+
+
+def _nested(depths: Any, levels: int) -> tuple[Any, ...] | None:
+  """`depths` as nested tuples of ints, `levels` deep and rectangular (None: it is not)."""
+  if hasattr(depths, "tolist"):
+    depths = depths.tolist()
+  try:
+    items = list(depths)
+  except TypeError:
+    return None
+  if not items:
+    return None
+  if levels == 1:
+    values = tuple(as_index(d) for d in items)
+    return None if any(v is None or v < NOT_A_LAYER for v in values) else values
+  rows = [_nested(row, levels - 1) for row in items]
+  if any(r is None for r in rows) or len({_shape_of(r, levels - 1) for r in rows}) != 1:
+    return None
+  return tuple(rows)
+
+
+def _shape_of(d: tuple[Any, ...], levels: int) -> tuple[int, ...]:
+  return (len(d),) + (_shape_of(d[0], levels - 1) if levels > 1 else ())
+
+
+def _reshape(flat: list[int], shape: tuple[int, ...]) -> Any:
+  """Row-major nesting of `flat` into `shape` (flat itself for one axis)."""
+  if len(shape) == 1:
+    return flat
+  step = len(flat) // shape[0]
+  return [_reshape(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
 
 
 Depth = Union[int, StackedDepth]
@@ -87,7 +156,7 @@ Depth = Union[int, StackedDepth]
 
 def valid_depths(label: Depth) -> list[int]:
   """The depths (other than -1) of one leaf's label, an int or a `StackedDepth`."""
-  values = label.depths if isinstance(label, StackedDepth) else (label,)
+  values = label.flat if isinstance(label, StackedDepth) else (label,)
   return [d for d in values if d != NOT_A_LAYER]
 
 
@@ -183,6 +252,11 @@ def stack_axes(
   return out
 
 
+def stack_group(axis: tuple[int, Hashable], layer: tuple[str, ...]) -> Hashable:
+  """The scanned block a stacked leaf belongs to: its `stack_axis` key, else its parent module."""
+  return axis[1] if axis[1] is not None else layer[:-1]
+
+
 def expand_stacks(
   ranks: list[int], layers: list[tuple[str, ...]], leaves: list[Any], axes: list
 ) -> list[Depth]:
@@ -206,8 +280,7 @@ def expand_stacks(
   info: dict[int, tuple[Hashable, int, int] | None] = {}
   for rank, layer, leaf, axis in zip(ranks, layers, leaves, axes):
     if axis is not None:
-      block = axis[1] if axis[1] is not None else layer[:-1]
-      info[rank] = (block, leaf.shape[axis[0]], axis[0])
+      info[rank] = (stack_group(axis, layer), leaf.shape[axis[0]], axis[0])
     else:
       info.setdefault(rank, None)
   order = sorted(info)
@@ -239,14 +312,18 @@ def expand_stacks(
 
 
 def check_stacked(label: Depth, leaf: Any, name: str) -> Depth:
-  """A `StackedDepth` checked against its leaf's shape, its axis made non-negative."""
+  """A `StackedDepth` checked against its leaf's shape, its axes made non-negative."""
   shape = getattr(leaf, "shape", None)
   if not isinstance(label, StackedDepth) or shape is None:
     return label
   ndim = len(shape)
-  if not -ndim <= label.axis < ndim or shape[label.axis] != len(label):
+  fits = all(-ndim <= a < ndim for a in label.axes) and len({a % ndim for a in label.axes}) == len(
+    label.axes
+  )
+  if not fits or tuple(shape[a] for a in label.axes) != label.shape:
     raise ValueError(
-      f"depths gives {len(label)} per-slice depths along axis {label.axis} for the leaf at "
-      f"{name!r}, whose shape is {tuple(shape)}; the axis must hold one slice per depth."
+      f"depths gives {'x'.join(map(str, label.shape))} per-slice depths along axis "
+      f"{label.axis} for the leaf at {name!r}, whose shape is {tuple(shape)}; the axis must "
+      "hold one slice per depth."
     )
-  return label if label.axis >= 0 else StackedDepth(label.depths, label.axis % ndim)
+  return label.with_axes(tuple(a % ndim for a in label.axes))

@@ -39,6 +39,15 @@ What each fixture follows (module names, nesting, creation order, inits):
   kernels, ``ScaledEmbed``), Gemma-2 style with post-norms and GQA.
 * `linen_vae`: google/flax ``examples/vae/models.py``.
 
+Not in `ALL` (`BLOCKS`, for ``tests/test_blocks.py``), three blocks each:
+
+* `linen_vit_scan`: big_vision's ViT with ``scan=True`` (``nn.scan`` of ``nn.remat``
+  of the block: one ``Transformer/encoderblock`` whose leaves stack the blocks).
+* `nnx_vit`: the NNX ViT of the JAX AI stack tutorial (jax-ml/jax-ai-stack,
+  ``docs/source/JAX_Vision_transformer.md``).
+* `linen_resnet`: google/flax ``examples/imagenet/models.py`` ``ResNet`` with
+  ``ResNetBlock``, batch statistics closed over.
+
 The code is written for these tests; only the structure follows the originals.
 """
 
@@ -294,6 +303,7 @@ class ViT(nn.Module):
   mlp_dim: int | None = 16
   num_heads: int = 2
   head_zeroinit: bool = True
+  scan: bool = False
 
   @nn.compact
   def __call__(self, image):
@@ -308,7 +318,10 @@ class ViT(nn.Module):
     x = x + posemb
     cls = self.param("cls", nn.initializers.zeros, (1, 1, c), x.dtype)
     x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]), x], axis=1)
-    x = ViTEncoder(self.depth, self.mlp_dim, self.num_heads, name="Transformer")(x)
+    if self.scan:  # vit.py's scan=True: one `encoderblock` whose params stack
+      x, _ = ScanViTEncoder(self.depth, self.mlp_dim, self.num_heads, name="Transformer")(x)
+    else:
+      x = ViTEncoder(self.depth, self.mlp_dim, self.num_heads, name="Transformer")(x)
     x = x[:, 0]
     kw = {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
     return nn.Dense(self.num_classes, name="head", **kw)(x)
@@ -986,3 +999,292 @@ ALL = (
   nnx_gemma,
   linen_vae,
 )
+
+
+# ----------------------------------------------------------------------------- block fixtures
+#
+# Not in `ALL`: the checks of `test_layer_map` that run on every fixture of `ALL`
+# (creation order is the call order, one int per leaf, the NNX names it lists)
+# do not all hold for these. `tests/test_blocks.py` uses them.
+
+
+class ScanViTEncoder1DBlock(nn.Module):
+  """big_vision ``Encoder1DBlock`` as ``scan=True`` runs it: returns ``(x, out)``.
+
+  Same body (and so the same submodule names) as `ViTEncoder1DBlock`, with the
+  ``deterministic`` argument and the dropouts of vit.py (rate 0 here).
+  """
+
+  mlp_dim: int | None = None
+  num_heads: int = 2
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    out = {}
+    y = nn.LayerNorm()(x)
+    y = out["sa"] = nn.MultiHeadDotProductAttention(
+      num_heads=self.num_heads,
+      kernel_init=nn.initializers.xavier_uniform(),
+      deterministic=deterministic,
+    )(y, y)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    x = out["+sa"] = x + y
+    y = nn.LayerNorm()(x)
+    y = out["mlp"] = MlpBlock(mlp_dim=self.mlp_dim)(y)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    x = out["+mlp"] = x + y
+    return x, out
+
+
+class ScanViTEncoder(nn.Module):
+  """big_vision ``Encoder`` with ``scan=True``: one ``encoderblock`` whose params stack.
+
+  As in vit.py: ``nn.remat`` of the block (``static_argnums=(2,)``: 0 is self,
+  2 ``deterministic``), then ``nn.scan`` with ``variable_axes={"params": 0}``, the
+  input broadcast, ``length=depth``, named ``encoderblock``.
+  """
+
+  depth: int
+  mlp_dim: int | None = None
+  num_heads: int = 2
+  dropout: float = 0.0
+  remat_policy: str = "nothing_saveable"
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    out = {}
+    block = nn.remat(
+      ScanViTEncoder1DBlock,
+      prevent_cse=False,
+      static_argnums=(2,),
+      policy=getattr(jax.checkpoint_policies, self.remat_policy, None),
+    )
+    x, scan_out = nn.scan(
+      block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=nn.broadcast,
+      length=self.depth,
+    )(
+      name="encoderblock", mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout
+    )(x, deterministic)
+    for lyr in range(self.depth):
+      out[f"block{lyr:02d}"] = jax.tree.map(lambda o, lyr=lyr: o[lyr], scan_out)
+    return nn.LayerNorm(name="encoder_norm")(x), out
+
+
+def linen_vit_scan(seed: int = 0, head_zeroinit: bool = True) -> Fixture:
+  """big_vision ViT with ``scan=True``, depth 3: ``Transformer/encoderblock`` leaves are
+  ``(3, ...)`` stacks, one slice per block; ``apply`` returns the logits."""
+  model = ViT(depth=3, head_zeroinit=head_zeroinit, scan=True)
+  x = _normal(seed + 1, 2, 8, 8, 3)
+  variables = model.init(jax.random.key(seed), x)
+
+  def apply(params, x):
+    return model.apply({"params": params}, x)
+
+  b = "Transformer/encoderblock"
+  order = ["embedding", "pos_embedding", "cls"]
+  order += [f"{b}/LayerNorm_0", *_attention(f"{b}/MultiHeadDotProductAttention_0")]
+  order += [f"{b}/LayerNorm_1", f"{b}/MlpBlock_0/Dense_0", f"{b}/MlpBlock_0/Dense_1"]
+  order += ["Transformer/encoder_norm", "head"]
+  extra = {"variables": variables, "stack_axis": {b: 0}}
+  return Fixture("linen_vit_scan", model, variables["params"], apply, x, order, extra)
+
+
+class ViTTransformerEncoder(nnx.Module):
+  """The tutorial's ``TransformerEncoder``: ``norm1``, ``attn``, ``norm2``, ``mlp``.
+
+  Pre-norm: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``; ``mlp`` is an
+  ``nnx.Sequential`` (Linear, gelu, Dropout, Linear, Dropout), so its Linears
+  sit at ``mlp/layers/0`` and ``mlp/layers/3``.
+  """
+
+  def __init__(self, hidden_size, mlp_dim, num_heads, dropout_rate=0.0, *, rngs: nnx.Rngs):
+    self.norm1 = nnx.LayerNorm(hidden_size, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(
+      num_heads=num_heads,
+      in_features=hidden_size,
+      dropout_rate=dropout_rate,
+      broadcast_dropout=False,
+      decode=False,
+      deterministic=False,
+      rngs=rngs,
+    )
+    self.norm2 = nnx.LayerNorm(hidden_size, rngs=rngs)
+    self.mlp = nnx.Sequential(
+      nnx.Linear(hidden_size, mlp_dim, rngs=rngs),
+      nnx.gelu,
+      nnx.Dropout(dropout_rate, rngs=rngs),
+      nnx.Linear(mlp_dim, hidden_size, rngs=rngs),
+      nnx.Dropout(dropout_rate, rngs=rngs),
+    )
+
+  def __call__(self, x):
+    x = x + self.attn(self.norm1(x))
+    return x + self.mlp(self.norm2(x))
+
+
+class NNXVisionTransformer(nnx.Module):
+  """The tutorial's ``VisionTransformer``: an ``nnx.Conv`` patch embedding, ``cls_token``
+  and ``position_embeddings`` params, ``encoder`` (an ``nnx.Sequential`` of blocks, so
+  ``encoder/layers/{i}``), ``final_norm`` and a ``classifier``.
+
+  As in the tutorial, ``position_embeddings`` is created before ``cls_token`` but
+  added after the cls token is concatenated (it covers ``n_patches + 1`` tokens).
+  """
+
+  def __init__(
+    self,
+    num_classes: int = 5,
+    in_channels: int = 3,
+    img_size: int = 8,
+    patch_size: int = 4,
+    num_layers: int = 3,
+    num_heads: int = 2,
+    mlp_dim: int = 16,
+    hidden_size: int = 8,
+    dropout_rate: float = 0.1,
+    *,
+    rngs: nnx.Rngs,
+  ):
+    n_patches = (img_size // patch_size) ** 2
+    self.patch_embeddings = nnx.Conv(
+      in_channels,
+      hidden_size,
+      kernel_size=(patch_size, patch_size),
+      strides=(patch_size, patch_size),
+      padding="VALID",
+      use_bias=True,
+      rngs=rngs,
+    )
+    initializer = jax.nn.initializers.truncated_normal(stddev=0.02)
+    self.position_embeddings = nnx.Param(
+      initializer(rngs.params(), (1, n_patches + 1, hidden_size), jnp.float32)
+    )
+    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+    self.cls_token = nnx.Param(jnp.zeros((1, 1, hidden_size)))
+    self.encoder = nnx.Sequential(
+      *[
+        ViTTransformerEncoder(hidden_size, mlp_dim, num_heads, dropout_rate, rngs=rngs)
+        for _ in range(num_layers)
+      ]
+    )
+    self.final_norm = nnx.LayerNorm(hidden_size, rngs=rngs)
+    self.classifier = nnx.Linear(hidden_size, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    patches = self.patch_embeddings(x)
+    batch_size = patches.shape[0]
+    patches = patches.reshape(batch_size, -1, patches.shape[-1])
+    cls_token = jnp.tile(self.cls_token[...], [batch_size, 1, 1])
+    x = jnp.concat([cls_token, patches], axis=1)
+    embeddings = self.dropout(x + self.position_embeddings[...])
+    x = self.final_norm(self.encoder(embeddings))
+    return self.classifier(x[:, 0])
+
+
+def nnx_vit(seed: int = 0) -> Fixture:
+  """The NNX ViT of the JAX AI stack tutorial (jax-ml/jax-ai-stack,
+  ``docs/source/JAX_Vision_transformer.md``), 3 blocks, in eval mode (``model.eval()``:
+  dropout and attention dropout off); ``x`` is images [B, 8, 8, 3]."""
+  model = NNXVisionTransformer(rngs=nnx.Rngs(seed))
+  model.eval()
+  order = ["patch_embeddings", "cls_token", "position_embeddings"]
+  for i in range(3):
+    b = f"encoder/layers/{i}"
+    order += [f"{b}/norm1", *_attention(f"{b}/attn"), f"{b}/norm2"]
+    order += [f"{b}/mlp/layers/0", f"{b}/mlp/layers/3"]
+  order += ["final_norm", "classifier"]
+  return _nnx_fixture("nnx_vit", model, _normal(seed + 1, 2, 8, 8, 3), order)
+
+
+class ResNetBlock(nn.Module):
+  """google/flax ``examples/imagenet/models.py`` ``ResNetBlock`` (basic block).
+
+  ``Conv_0, BatchNorm_0, Conv_1, BatchNorm_1`` (the last norm zero-scaled), then
+  ``conv_proj`` and ``norm_proj`` on the shortcut where the shape changes.
+  """
+
+  filters: int
+  conv: Any
+  norm: Any
+  act: Callable
+  strides: tuple[int, int] = (1, 1)
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), self.strides)(x)
+    y = self.norm()(y)
+    y = self.act(y)
+    y = self.conv(self.filters, (3, 3))(y)
+    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
+      residual = self.norm(name="norm_proj")(residual)
+    return self.act(residual + y)
+
+
+class ResNet(nn.Module):
+  """google/flax ``examples/imagenet/models.py`` ``ResNet`` (V1): ``conv_init``,
+  ``bn_init``, max-pool, ``ResNetBlock_{i}`` (auto-named, numbered across stages),
+  mean-pool, ``Dense_0``."""
+
+  stage_sizes: tuple[int, ...] = (1, 1, 1)
+  block_cls: Any = ResNetBlock
+  num_classes: int = 5
+  num_filters: int = 4
+  dtype: Any = jnp.float32
+  act: Callable = nn.relu
+  conv: Any = nn.Conv
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype)
+    norm = functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
+    )
+    x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
+    x = norm(name="bn_init")(x)
+    x = nn.relu(x)
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    for i, block_size in enumerate(self.stage_sizes):
+      for j in range(block_size):
+        strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+        x = self.block_cls(
+          self.num_filters * 2**i, strides=strides, conv=conv, norm=norm, act=self.act
+        )(x)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
+    return jnp.asarray(x, self.dtype)
+
+
+def linen_resnet(seed: int = 0) -> Fixture:
+  """The imagenet ResNet, ``stage_sizes=(1, 1, 1)``, 4 filters; ``x`` is [2, 16, 16, 3].
+
+  ``apply`` runs in eval mode on the init batch statistics (closed over, so only
+  ``x`` is data); ``ResNetBlock_0`` keeps its shape (no projection), blocks 1 and 2
+  halve the resolution and double the width (``conv_proj``, ``norm_proj``).
+  """
+  model = ResNet()
+  x = _normal(seed + 1, 2, 16, 16, 3)
+  variables = model.init(jax.random.key(seed), x, train=False)
+  params, batch_stats = variables["params"], variables["batch_stats"]
+
+  def apply(params, x):
+    return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+
+  order = ["conv_init", "bn_init"]
+  for i in range(len(model.stage_sizes)):
+    b = f"ResNetBlock_{i}"
+    order += [f"{b}/Conv_0", f"{b}/BatchNorm_0", f"{b}/Conv_1", f"{b}/BatchNorm_1"]
+    order += [f"{b}/conv_proj", f"{b}/norm_proj"] if i > 0 else []
+  order += ["Dense_0"]
+  extra = {"variables": variables, "batch_stats": batch_stats}
+  return Fixture("linen_resnet", model, params, apply, x, order, extra)
+
+
+BLOCKS = (linen_vit_scan, nnx_vit, linen_resnet)
+"""The fixtures added for block granularity (`tests/test_blocks.py`), not in `ALL`."""

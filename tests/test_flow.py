@@ -525,7 +525,7 @@ def test_activation_gradient_errors():
     odn.activation_gradient_norms(model, variables, x, loss_fn=jnp.sum, modules=(nn.Conv,))
   with pytest.raises(TypeError, match="modules must be a linen Module class"):
     odn.activation_gradient_norms(model, variables, x, loss_fn=jnp.sum, modules="Dense")
-  with pytest.raises(TypeError, match="supports Flax linen modules only for now"):
-    odn.activation_gradient_norms(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), None, x, loss_fn=jnp.sum)
+  nnx_report = odn.activation_gradient_norms(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), x, loss_fn=jnp.sum)
+  assert nnx_report.paths == ("<root>",)  # NNX models work too (tests/test_nnx_activation.py)
   with pytest.raises(TypeError, match="model must be a Flax linen Module, got function"):
     odn.activation_gradient_norms(lambda v, x: x, variables, x, loss_fn=jnp.sum)

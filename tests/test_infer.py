@@ -163,8 +163,9 @@ def test_transformer_embedding_first_head_last_blocks_in_order():
       base + 2,
       base + 3,
     ]
-    # pre-LN: a LayerNorm joins the layer whose output it normalizes.
-    assert depths[f"h_{i}"]["ln_1"]["scale"] == base - 1
+    # pre-LN: a LayerNorm joins the block it opens (its own module scope), not the
+    # previous block's last layer whose output it normalizes.
+    assert depths[f"h_{i}"]["ln_1"]["scale"] == base
   assert depths["ln_f"]["scale"] == 12
   # Path labels on the sorted tree `eval_shape` returns get this model wrong (the
   # embedding sorts last) and say so.

@@ -343,3 +343,72 @@ def test_errors():
     odn.StackedDepth([])
   with pytest.raises(TypeError, match="StackedDepth axis must be an int"):
     odn.StackedDepth([1], axis=0.5)
+
+
+# ----------------------------------------------------------------------------- nested scans
+
+TWO_AXES = odn.StackedDepth([[1, 2], [3, 4]], axis=(0, 1))
+
+
+def two_axis_tree(blocks=BLOCKS):
+  """The L = 4 blocks as nn.remat_scan(lengths=(2, 2)) stores them: shape (2, 2, ...)."""
+  return {
+    "pre": PRE,
+    "blocks": {k: v.reshape(2, 2, *v.shape[1:]) for k, v in blocks.items()},
+    "post": POST,
+  }
+
+
+def test_stacked_depth_on_two_axes():
+  assert TWO_AXES.shape == (2, 2) and TWO_AXES.flat == (1, 2, 3, 4) and len(TWO_AXES) == 4
+  assert TWO_AXES.axes == (0, 1) and TWO_AXES.text() == "1..4"
+  assert TWO_AXES.map(lambda d: 5 - d) == odn.StackedDepth([[4, 3], [2, 1]], axis=(0, 1))
+  assert odn.StackedDepth(np.arange(6).reshape(2, 3), axis=(1, 0)).depths == ((0, 1, 2), (3, 4, 5))
+  depths = {"pre": {"kernel": 0, "bias": 0}, "blocks": {"kernel": TWO_AXES, "bias": TWO_AXES}}
+  depths["post"] = {"kernel": 5, "bias": 5}
+  table = odn.depth_table(two_axis_tree(), depths)
+  assert "1..4   blocks/kernel  (2, 2, 5, 5)@(0, 1)" in table
+
+
+def test_stacked_depth_axes_in_any_order_reach_the_right_slices():
+  # Axis order (1, 0): depths[i][j] labels the slice at leaf index [j, i].
+  label = odn.StackedDepth([[0, 1], [2, 3]], axis=(1, 0))
+  array = odn._layers.depth_array(label, 3)
+  assert array.shape == (2, 2, 1)
+  assert array[:, :, 0].tolist() == [[0, 2], [1, 3]]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_two_stack_axes_equal_unstacked_layers(jit):
+  depths = {"pre": {"kernel": 0, "bias": 0}, "blocks": {"kernel": TWO_AXES, "bias": TWO_AXES}}
+  depths["post"] = {"kernel": 5, "bias": 5}
+  for make in (
+    lambda d: odn.layerwise_normalize(depths=d),
+    lambda d: odn.depth_decay(0.3, decay="linear", depths=d),
+  ):
+    out = run(make(depths), two_axis_tree(), jit=jit)
+    ref = as_stacked(run(make(U_DEPTHS), unstacked_tree(), jit=jit))
+    assert_trees_close(out, two_axis_tree(ref["blocks"]) | {"pre": ref["pre"], "post": ref["post"]})
+  report = odn.gradient_flow(two_axis_tree(), depths=depths)
+  reference = odn.gradient_flow(unstacked_tree(), depths=U_DEPTHS)
+  assert report.depths == reference.depths
+  np.testing.assert_allclose(report.norm, reference.norm, rtol=RTOL)
+
+
+def test_two_axis_errors():
+  with pytest.raises(ValueError, match="nested 2 deep, rectangular"):
+    odn.StackedDepth([[1, 2], [3]], axis=(0, 1))
+  with pytest.raises(ValueError, match="nested 2 deep, rectangular"):
+    odn.StackedDepth([1, 2], axis=(0, 1))
+  with pytest.raises(TypeError, match="StackedDepth axis must be an int or a tuple of ints"):
+    odn.StackedDepth([[1]], axis=(0, 0.5))
+  tree = two_axis_tree()
+  bad = {"pre": 0, "blocks": {"kernel": odn.StackedDepth([[1, 2, 3]], axis=(0, 1)), "bias": 1}}
+  with pytest.raises(ValueError, match=r"1x3 per-slice depths along axis \(0, 1\)"):
+    run(odn.depth_decay(0.1, depths=bad | {"post": 2}), tree)
+  twice = {
+    "pre": 0,
+    "blocks": {"kernel": odn.StackedDepth([[1, 2], [3, 4]], axis=(0, -4)), "bias": 1},
+  }
+  with pytest.raises(ValueError, match="the axis must hold one slice per depth"):
+    run(odn.depth_decay(0.1, depths=twice | {"post": 2}), tree)
