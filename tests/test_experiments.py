@@ -8,6 +8,7 @@ sanity, never for timings or for whether a method wins.
 import gzip
 import json
 import math
+import pathlib
 import subprocess
 import sys
 
@@ -142,6 +143,13 @@ def test_conv_depths_give_batchnorm_its_conv_depth():
   assert depths["conv_02"]["kernel"] == 1 and max(jax.tree.leaves(depths)) == 9
 
 
+def test_speed_probe_measures_steps_per_second_per_run():
+  speed = train.speed_probe(depth=3, runs=2, steps=4, batch_size=8)
+  assert speed["steps"] == 4 and speed["runs"] == 2 and speed["depth"] == 3
+  assert speed["steps_per_s"] == pytest.approx(4 / speed["train_s"])
+  assert speed["compile_s"] > 0
+
+
 def test_batch_larger_than_training_set_is_an_error():
   parts = data.split(data.generated_dataset(10, 4), train_size=None, val_size=0, flatten=True)
   group = train.Group(
@@ -164,11 +172,14 @@ def _run(idx_dir, tmp_path, *args, generated=False):
   assert on_disk["data"]["generated"] is generated
   assert on_disk["data"]["name"] == ("generated" if generated else idx_dir.name)
   assert on_disk["wall_s"] > 0 and on_disk["machine"]["backend"] == "cpu"
+  assert on_disk["harness_speed"]["steps_per_s"] > 0 and on_disk["harness_speed"]["depth"] == 8
   assert on_disk["command"].startswith(f"optax-depthnorm {results['experiment']} ")
   for name in on_disk["figures"]:
     image = matplotlib.image.imread(folder / name)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-  return on_disk, (folder / "results.md").read_text()
+  md = (folder / "results.md").read_text()
+  assert "harness speed on this machine:" in md and "steps/s per run" in md
+  return on_disk, md
 
 
 def _table_rows(markdown, header_start):
@@ -186,7 +197,7 @@ def _in_unit(x):
   return all(0 <= v <= 1 for v in np.ravel(x))
 
 
-def test_bgn_table(idx_dir, tmp_path):
+def test_bgn_table(idx_dir, tmp_path, capsys):
   out, md = _run(
     idx_dir,
     tmp_path,
@@ -221,6 +232,19 @@ def test_bgn_table(idx_dir, tmp_path):
   assert len(rows) == 4 and rows[0][:3] == ["relu", "False", "False"] and rows[0][4] == "-"
   assert sum("**" in r[3] for r in rows) >= 1
   assert out["figures"] == ["accuracy_vs_depth.png"]
+  # The console shows the Markdown tables and the folder, not the results dict.
+  printed = capsys.readouterr().out
+  assert "| activation | BN | BGN | 2 ours" in printed and "array(" not in printed
+  assert printed.rstrip().endswith("figures)") and str(tmp_path / "bgn-table") in printed
+
+
+def test_console_script_returns_none(monkeypatch, capsys):
+  """`optax-depthnorm` hands its return value to sys.exit, which would print it."""
+  pyproject = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
+  assert 'optax-depthnorm = "optax_depthnorm.experiments.cli:entry"' in pyproject
+  monkeypatch.setattr(sys, "argv", ["optax-depthnorm", "bgn-table", "--list"])
+  assert cli.entry() is None
+  assert "epochs = 3" in capsys.readouterr().out
 
 
 def test_scale_norm_on_the_generated_fallback(tmp_path, capsys):

@@ -141,6 +141,8 @@ def _cell(cfg: Config, parts: dict, act: str, depth: int, bn: bool, bgn: bool, q
     "final_train_loss": hist.epochs["train_loss"][-1].reshape(shape)[:, best],
     "sweep_runs": int(np.prod(shape)),
     "sweep_train_s": hist.train_s,
+    "steps": len(hist.step_loss),
+    "steps_per_s": hist.steps_per_s,
     "sweep_compile_s": hist.compile_s,
     "final_train_s": final_s,
   }
@@ -172,7 +174,7 @@ def tables(cells: list[dict], cfg: Config) -> list[tuple[str, str]]:
         paper = _paper(act, bn, bgn, d)
         acc.append("-" if paper is None else f"{paper[0]:.3f} ± {paper[1]:.3f}")
         lrs.append(f"{c['best_lr']:.2g}")
-        times.append(f"{c['sweep_train_s']:.1f}")
+        times.append(f"{c['sweep_train_s']:.1f} ({c['steps_per_s']:.0f} steps/s)")
       acc_rows.append(acc)
       lr_rows.append(lrs)
       time_rows.append(times)
@@ -189,7 +191,7 @@ def tables(cells: list[dict], cfg: Config) -> list[tuple[str, str]]:
     ),
     (
       f"Training time per cell, seconds: all {runs} runs of the sweep at once (vmapped), "
-      "compilation excluded",
+      "compilation excluded; in brackets, optimizer steps per second of each run",
       report.markdown_table(head + [f"{d} layers" for d in cfg.depths], time_rows),
     ),
   ]

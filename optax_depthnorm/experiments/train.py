@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_depthnorm.experiments import models
+
 
 class TrainState(NamedTuple):
   """Parameters, BatchNorm statistics ({} without BN) and optimizer state of a run."""
@@ -97,6 +99,11 @@ class History:
   compile_s: float
   train_s: float
   state: TrainState
+
+  @property
+  def steps_per_s(self) -> float:
+    """Optimizer steps per second of each run (the runs of a group train side by side)."""
+    return len(self.step_loss) / self.train_s if self.train_s > 0 else float("nan")
 
 
 # ----------------------------------------------------------------------------- progress
@@ -396,6 +403,38 @@ def train_group(
     train_s,
     states,
   )
+
+
+def speed_probe(depth: int = 90, runs: int = 4, steps: int = 200, batch_size: int = 128) -> dict:
+  """Steps per second of each run of the harness on the deep MLP of the BGN table.
+
+  `runs` Adam runs of a `depth`-layer, width-64 ReLU MLP on 784-pixel inputs,
+  vmapped side by side, one epoch of `steps` steps as one compiled scan (as
+  every experiment trains); random data, one compile, then one timed epoch.
+
+  Returns:
+    ``{"depth", "runs", "steps", "batch_size", "compile_s", "train_s", "steps_per_s"}``
+    where ``steps_per_s`` is each run's steps per second.
+  """
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((steps * batch_size, 784)).astype(np.float32)
+  y = rng.integers(0, 10, steps * batch_size).astype(np.int32)
+  group = Group(
+    models.DeepMLP(depth, 64, "relu", False, False, 10),
+    lambda learning_rate: optax.adam(learning_rate),
+    {"learning_rate": np.full(runs, 1e-3)},
+    np.arange(runs),
+  )
+  hist = train_group(group, {"train": (x, y)}, epochs=1, batch_size=batch_size, quiet=True)
+  return {
+    "depth": depth,
+    "runs": runs,
+    "steps": steps,
+    "batch_size": batch_size,
+    "compile_s": hist.compile_s,
+    "train_s": hist.train_s,
+    "steps_per_s": hist.steps_per_s,
+  }
 
 
 def grid(**axes: Iterable[Any]) -> dict[str, np.ndarray]:
