@@ -7,7 +7,6 @@ from optax_depthnorm._depths import (
   NOT_A_LAYER,
   DepthOrderWarning,
   StackedDepth,
-  depth_table,
   layer_depths,
 )
 from optax_depthnorm._diagnose import Flag, diagnose
@@ -16,6 +15,7 @@ from optax_depthnorm._normalize import LayerwiseNormalizeState, layerwise_normal
 from optax_depthnorm._plot import plot_flow_heatmap, plot_gradient_flow
 from optax_depthnorm._report import FlowReport, gradient_flow
 from optax_depthnorm._scale import ScaleNormalizeState, scale_normalize
+from optax_depthnorm._table import depth_table
 from optax_depthnorm._track import (
   FlowStats,
   GradientFlowState,

@@ -10,9 +10,11 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 
-from optax_depthnorm import _reduce, _tree
+from optax_depthnorm import _checks, _reduce, _tree
 
 Kappa = Union[None, float, jax.Array, Callable[[tuple[int, ...]], float]]
+KAPPA_ACCEPTS = "None, a number, a scalar array or a callable of x.shape"
+X_MSG = "bgn: x must be a floating array (float16, bfloat16, float32 or float64), got {got}."
 
 
 def default_kappa(shape: tuple[int, ...]) -> float:
@@ -46,6 +48,33 @@ def _bgn_bwd(per_example, axis_name, residuals, g):
 _bgn.defvjp(_bgn_fwd, _bgn_bwd)
 
 
+def _check_x(x: Any) -> None:
+  dtype = getattr(x, "dtype", None)
+  if dtype is None:
+    raise TypeError(X_MSG.format(got="None" if x is None else f"a {type(x).__name__}"))
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(X_MSG.format(got=_checks.describe(x)))
+
+
+def _check_static(kappa: Kappa, eps: Any) -> None:
+  """The eager checks of `bgn`'s numbers (a kappa callable is checked on its value)."""
+  if kappa is not None and not callable(kappa):
+    _checks.check("kappa", kappa, _checks.NON_NEGATIVE, KAPPA_ACCEPTS)
+  _checks.check("eps", eps, _checks.EPS)
+
+
+def _kappa_value(kappa: Kappa, shape: tuple[int, ...]) -> Any:
+  """The kappa of a pre-activation of this shape: checked if static, else clipped to [0, inf)."""
+  name = "kappa"
+  if kappa is None:
+    return default_kappa(shape)
+  if callable(kappa):
+    kappa, name = kappa(shape), f"kappa(x.shape) for shape {shape}"
+  if _checks.check(name, kappa, _checks.NON_NEGATIVE, KAPPA_ACCEPTS):
+    return kappa
+  return _checks.bounded(name, kappa, _checks.NON_NEGATIVE)
+
+
 def bgn(
   x: jax.Array,
   kappa: Kappa = None,
@@ -72,7 +101,8 @@ def bgn(
 
   The norm is computed in float32 (float64 for float64) and the result cast
   back to ``g``'s dtype. A zero ``g`` gives zero, never NaN; a NaN or Inf in
-  ``g`` makes the result NaN (it is not hidden).
+  ``g`` makes the result NaN (it is not hidden). ``kappa = 0`` gives a zero
+  gradient (it stops the gradient, as `jax.lax.stop_gradient` would).
 
   Batches split over devices: with ``axis_name`` the squared norm is summed
   over that mapped axis (``shard_map``, ``pmap``), so each shard gets exactly
@@ -89,10 +119,16 @@ def bgn(
   the relative sizes of the examples' gradients.
 
   Args:
-    x: the pre-activation, batch axis first.
-    kappa: the gradient norm after BGN: ``None`` for ``sqrt(d)``, a number, or
-      a callable of ``x.shape`` returning one.
-    eps: norms below eps are divided by eps instead.
+    x: the pre-activation, batch axis first: a floating array (else a
+      TypeError).
+    kappa: the gradient norm after BGN: ``None`` for ``sqrt(d)``, a
+      non-negative finite number or scalar array, or a callable of ``x.shape``
+      returning one. A static value out of range is a ValueError; a traced one
+      is clipped into [0, inf) (a NaN stays NaN).
+    eps: norms below eps are divided by eps instead: a non-negative finite
+      number. One below the smallest normal float of the norm's dtype
+      (1.2e-38 in float32), 0 included, acts as that smallest normal; a traced
+      eps is clipped the same way.
     per_example: normalize each example alone instead of the whole batch.
     axis_name: a mapped axis (``shard_map``, ``pmap``, named ``vmap``) over
       which the batch is split; the norm is taken over all of it.
@@ -113,13 +149,11 @@ def bgn(
     Networks", 2021, sec. 2, eq. (4)-(11).
     https://arxiv.org/abs/2106.09475
   """
-  if kappa is None:
-    kappa = default_kappa(x.shape)
-  elif callable(kappa):
-    kappa = kappa(x.shape)
-  return _bgn(
-    x, jnp.asarray(kappa, jnp.float32), jnp.asarray(eps, jnp.float32), per_example, axis_name
-  )
+  _check_x(x)
+  _checks.check("eps", eps, _checks.EPS)
+  dtype = _tree.acc_dtype(x.dtype)  # the dtype of the norm and of the rescale
+  kappa = jnp.asarray(_kappa_value(kappa, x.shape), dtype)
+  return _bgn(x, kappa, jnp.asarray(_checks.floor_eps(eps, dtype), dtype), per_example, axis_name)
 
 
 def with_bgn(activation: Callable[[jax.Array], jax.Array], **bgn_kwargs: Any) -> Callable:
@@ -147,6 +181,8 @@ def with_bgn(activation: Callable[[jax.Array], jax.Array], **bgn_kwargs: Any) ->
     Cabana & Lago-Fernández 2021, sec. 2.1: "a BGN layer just before
     every activation function".
   """
+
+  _check_static(bgn_kwargs.get("kappa"), bgn_kwargs.get("eps", 0.0))
 
   @functools.wraps(activation)
   def wrapped(x: jax.Array) -> jax.Array:

@@ -7,12 +7,19 @@ from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from optax_depthnorm import _depths, _layers, _normalize, _tree
+from optax_depthnorm import _checks, _depths, _layers, _normalize, _tree
 
 Decay = Union[str, Callable[[jax.Array, jax.Array], jax.Array]]
 DECAYS = ("linear", "exponential")
+GAMMA_ACCEPTS = "a number, a scalar array or an optax schedule (a callable of the step count)"
+DECAY_RESULT_MSG = (
+  "decay(gamma, d) must return the factor of every depth: an array of d's shape {shape} (d "
+  "holds the depths of all layers at once, as {dtype}, and gamma is a scalar; use jnp "
+  "operations, it is traced under jit), or one number for every layer; got {got}."
+)
 
 
 class DepthDecayState(NamedTuple):
@@ -51,7 +58,15 @@ def _exponential(gamma: jax.Array, d: jax.Array) -> jax.Array:
 _DECAY_FNS = {"linear": _linear, "exponential": _exponential}
 
 
-def _check_args(gamma: Any, decay: Decay) -> None:
+def _gamma_range(decay: Decay) -> tuple[_checks.Range, str]:
+  """The valid gamma for this decay, and what the message adds to the range."""
+  if isinstance(decay, str) and decay == "linear":
+    return _checks.UNIT, " for decay='linear' ((1 - gamma)^d)"
+  return _checks.NON_NEGATIVE, ""
+
+
+def _check_args(gamma: Any, decay: Decay) -> bool:
+  """Raises for a bad decay or static gamma; returns whether gamma is static."""
   if isinstance(decay, str):
     if decay not in DECAYS:
       raise ValueError(
@@ -59,24 +74,33 @@ def _check_args(gamma: Any, decay: Decay) -> None:
       )
   elif not callable(decay):
     raise TypeError(f"decay must be a string or a callable, got {type(decay).__name__}.")
-  if not _tree.is_concrete_number(gamma):
-    return
-  if not gamma >= 0:
-    raise ValueError(f"gamma must be a non-negative number, got {gamma!r}.")
-  if decay == "linear" and gamma > 1:
-    raise ValueError(f"gamma must be in [0, 1] for decay='linear' ((1 - gamma)^d), got {gamma!r}.")
+  if callable(gamma):  # a schedule: its values are bounded at use
+    return False
+  valid, context = _gamma_range(decay)
+  return _checks.check("gamma", gamma, valid, GAMMA_ACCEPTS, context)
 
 
-def _effective_depths(d: jax.Array, top: jax.Array, reverse: bool, normalize: bool) -> jax.Array:
-  """Depth d of every slice as float32, with `top` the deepest depth of the tree.
+def _factors(decay_fn: Callable, gamma: jax.Array, d: jax.Array) -> jax.Array:
+  """``decay_fn(gamma, d)``, checked to give one real factor per depth (or one for all)."""
+  out = decay_fn(gamma, d)
+  if not _checks.is_real(out) or np.shape(out) not in ((), d.shape):
+    error = ValueError if _checks.is_real(out) else TypeError
+    raise error(DECAY_RESULT_MSG.format(shape=d.shape, dtype=d.dtype, got=_checks.describe(out)))
+  return jnp.asarray(out)
+
+
+def _effective_depths(
+  d: jax.Array, top: jax.Array, reverse: bool, normalize: bool, dtype: Any
+) -> jax.Array:
+  """Depth d of every slice in `dtype`, with `top` the deepest depth of the tree.
 
   From the output with `reverse`, d / top with `normalize`; -1 (not a layer)
   stays negative.
   """
   d = jnp.where(d >= 0, top - d, -1) if reverse else d
-  eff = d.astype(jnp.float32)
+  eff = d.astype(dtype)
   if normalize:
-    eff = eff / jnp.maximum(top, 1).astype(jnp.float32)
+    eff = eff / jnp.maximum(top, 1).astype(dtype)
   return eff
 
 
@@ -112,14 +136,22 @@ def depth_decay(
   state: pass `init` the tree that knows the layer order (the dict an unjitted
   ``model.init`` returns, an Equinox module) or pass ``depths=``.
 
+  The factors are computed in float32, or in float64 when a leaf is float64
+  (with x64 on), and each leaf is scaled in float32 or wider and keeps its dtype.
+
   Args:
-    gamma: the decay rate $\gamma \ge 0$ ($\le 1$ for linear): a number or
-      an optax schedule of the step count. Works under
-      `optax.inject_hyperparams`.
+    gamma: the decay rate $\gamma \ge 0$, finite ($\le 1$ for linear): a
+      number, a scalar array or an optax schedule of the step count. A static
+      value out of range is a ValueError; a traced one (under
+      `optax.inject_hyperparams`, which it works under) and a schedule's
+      values are clipped into the range at use (a NaN stays NaN).
     decay: ``"exponential"`` (default), ``"linear"`` or a callable
-      ``decay(gamma, d) -> factor`` that takes float32 arrays (``d`` holds the
-      depths of all layers at once). Under `optax.inject_hyperparams` list a
-      callable in ``static_args=("decay",)``, or it is taken for a schedule.
+      ``decay(gamma, d) -> factors`` of a scalar ``gamma`` and a vector ``d``
+      holding the depths of all layers at once (float32 arrays, float64 if a
+      leaf is float64), traced under jit; it returns an array of ``d``'s
+      shape (one factor per depth) or one number for every layer. Under
+      `optax.inject_hyperparams` list a callable in
+      ``static_args=("decay",)``, or it is taken for a schedule.
     depths: ``None`` (the order of the tree given to `init`, see
       `layer_depths`), a rule for `layer_depths`, an NNX module, or a
       precomputed pytree (from `layer_depths` or `infer_depths`). A
@@ -163,9 +195,10 @@ def depth_decay(
     Clark et al., "ELECTRA", 2020 (layer-wise learning-rate decay),
     https://arxiv.org/abs/2003.10555
   """
-  _check_args(gamma, decay)
+  static = _check_args(gamma, decay)
   _depths.check_stack_axis_type(stack_axis)
   decay_fn = _DECAY_FNS[decay] if isinstance(decay, str) else decay
+  valid, _ = _gamma_range(decay)
 
   def init_fn(params: Any) -> DepthDecayState:
     stored, _ = _layers.init_depths(params, depths, stack_axis)
@@ -175,9 +208,13 @@ def depth_decay(
     del params, extra_args
     leaves, treedef, found = _layers.read(updates, state.depths)
     g = gamma(state.count) if callable(gamma) else gamma
+    if not static:
+      g = _checks.bounded("gamma", g, valid)
+    # Factors in float32, or in float64 where a leaf is float64 (cast back per leaf).
+    dtype = _tree.acc_dtype(*(leaves[leaf.index].dtype for leaf in found))
     d = _layers.concat([leaf.depth for leaf in found]).astype(jnp.int32)
-    eff = _effective_depths(d, _layers.deepest(state.depths), reverse, normalize_depth)
-    factors = jnp.where(eff >= 0, decay_fn(jnp.asarray(g).astype(jnp.float32), eff), 1)
+    eff = _effective_depths(d, _layers.deepest(state.depths), reverse, normalize_depth, dtype)
+    factors = jnp.where(eff >= 0, _factors(decay_fn, jnp.asarray(g).astype(dtype), eff), 1)
     for leaf, f in zip(found, _layers.split(factors, [leaf.depth for leaf in found])):
       leaves[leaf.index] = _tree.scale_leaf(leaves[leaf.index], f)
     new_state = DepthDecayState(count=optax.safe_increment(state.count), depths=state.depths)

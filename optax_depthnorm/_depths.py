@@ -2,8 +2,9 @@
 
 A layer is the set of leaves that share a parent path (a Flax module's
 ``kernel`` and ``bias``); a leaf addressed by an integer position (``[W0, W1]``)
-is a layer of its own. Layers are ranked in the order the tree tells (see
-`_order`), and a layer's depth is its rank: 0 at the input side.
+is a layer of its own, a ``(W, b)`` tuple one layer. Layers are ranked in the
+order the tree tells (see `_order`), and a layer's depth is its rank: 0 at the
+input side.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Union
 
 import jax
+import optax
 
 from optax_depthnorm import _blocks, _order, _stack, _tree
 from optax_depthnorm._order import DepthOrderWarning
@@ -73,7 +75,10 @@ def _order_keys(paths: list[tuple[Any, ...]], keys: list[tuple[str, ...]]) -> di
 
 
 def _default_depths(tree: Any, paths: list[tuple[Any, ...]], in_order: bool = False) -> list[int]:
-  keys = [layer_key(p) for p in paths]
+  pairs = _tree.weight_bias_paths(tree)
+  keys = [
+    _tree.path_parts(p)[:-1] if _tree.path_parts(p)[:-1] in pairs else layer_key(p) for p in paths
+  ]
   order_keys = _order_keys(paths, keys)
   ranks = _order.layer_ranks(tree, list(dict.fromkeys(order_keys.values())), in_order=in_order)
   return [ranks[order_keys[k]] for k in keys]
@@ -160,7 +165,9 @@ def layer_depths(
 
   A layer is the set of leaves under one module (same parent path: ``kernel``
   and ``bias``; BatchNorm ``scale`` and ``bias``); a leaf at an integer position
-  (a list of arrays) is a layer of its own. The depth of a layer is its rank
+  (a list of arrays) is a layer of its own, but a ``(W, b)`` tuple of a matrix
+  and a vector (the JAX tutorials' ``[(W0, b0), (W1, b1)]``) is one layer. The
+  depth of a layer is its rank
   among the layers, 0 at the input side, in the order the tree tells:
 
   - a dict whose key order is not the sorted one keeps creation order (the
@@ -306,6 +313,10 @@ def leaf_depths(tree: Any, depths: Any, stack_axis: StackAxis = None) -> list[De
     if not _tree.is_param_leaf(leaf):
       out.append(NOT_A_LAYER)
       continue
+    under = [d for k, d in table.items() if k.startswith(name + "/")]
+    if name not in table and under and isinstance(leaf, optax.MaskedNode):
+      out.append(deepest(under))  # a subtree `optax.masked` hid whole: its deepest layer
+      continue
     if name not in table:
       raise ValueError(
         f"depths has no entry for the leaf at {name!r}; compute depths with "
@@ -320,6 +331,14 @@ def leaf_depths(tree: Any, depths: Any, stack_axis: StackAxis = None) -> list[De
         "`odn.infer_depths`."
       )
     out.append(label)
+  known = set(names)
+  hidden = tuple(n + "/" for n, (_, x) in zip(names, flat) if isinstance(x, optax.MaskedNode))
+  extra = [k for k in table if k not in known and not k.startswith(hidden)]
+  if extra:
+    raise ValueError(
+      f"depths has entries for paths the tree does not have: {extra[:4]}; depths were "
+      "computed for another tree (compute them on the params this transform updates)."
+    )
   return out
 
 
@@ -336,6 +355,11 @@ def depth_lookup(depths: Any) -> dict[str, Depth]:
       raise TypeError(
         f"depths must hold Python ints (static labels), got {type(depth).__name__} at "
         f"{name!r}; build them with `odn.layer_depths`, outside jit."
+      )
+    if index < NOT_A_LAYER:
+      raise ValueError(
+        f"depths gives {index} for the leaf at {name!r}; a depth is an int >= 0, or "
+        f"{NOT_A_LAYER} (odn.NOT_A_LAYER) for a leaf every transform leaves alone."
       )
     table[name] = index
   return table
@@ -358,54 +382,3 @@ def _is_rule(depths: Any) -> bool:
   if _is_nnx_module(depths):
     return False
   return callable(depths) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(depths))
-
-
-def depth_table(tree: Any, depths: Any = None, *, stack_axis: StackAxis = None) -> str:
-  """A text table of every leaf: path, shape, dtype and depth.
-
-  Print it before training to check how layers were labelled. A stacked leaf
-  (`StackedDepth`) shows its per-slice depths (``1..12``) and its stack axis
-  after the shape (``(12, 64, 64)@0``).
-
-  Args:
-    tree: a parameter pytree.
-    depths: ``None`` (label with the default rule), a rule, or a pytree of
-      depths as returned by `layer_depths` or `infer_depths`.
-    stack_axis: leaves that stack layers, see `layer_depths`.
-
-  Returns:
-    The table as a string, one leaf per line, ordered by depth then path.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import optax_depthnorm as odn
-    >>> params = {"Dense_0": {"kernel": jnp.ones((3, 4))}, "Dense_1": {"kernel": jnp.ones((4, 2))}}
-    >>> print(odn.depth_table(params))
-    depth  path            shape   dtype
-    0      Dense_0/kernel  (3, 4)  float32
-    1      Dense_1/kernel  (4, 2)  float32
-    >>> print(odn.depth_table(params, stack_axis={"Dense_1": 0}))
-    depth  path            shape     dtype
-    0      Dense_0/kernel  (3, 4)    float32
-    1..4   Dense_1/kernel  (4, 2)@0  float32
-  """
-  leaves = _tree.flatten(tree)[0]
-  labels = leaf_depths(tree, depths, stack_axis)
-  rows = [
-    (
-      d.text() if isinstance(d, StackedDepth) else str(d) if d != NOT_A_LAYER else "-",
-      _tree.path_name(p) or "<root>",
-      str(tuple(getattr(x, "shape", ()))) + (f"@{d.axis}" if isinstance(d, StackedDepth) else ""),
-      "masked"
-      if not _tree.is_float_leaf(x) and _tree.is_param_leaf(x)
-      else str(getattr(x, "dtype", type(x).__name__)),
-      min(valid_depths(d), default=None),
-    )
-    for (p, x), d in zip(leaves, labels)
-  ]
-  rows.sort(key=lambda r: (r[4] is None, r[4] or 0, _order.natural_key(r[1])))
-  header = ("depth", "path", "shape", "dtype")
-  rows = [header, *(r[:4] for r in rows)]
-  widths = [max(len(r[i]) for r in rows) for i in range(3)]
-  lines = ["  ".join([*(c.ljust(w) for c, w in zip(r[:3], widths)), r[3]]) for r in rows]
-  return "\n".join(lines)

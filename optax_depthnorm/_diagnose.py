@@ -11,6 +11,18 @@ from optax_depthnorm import _tree
 from optax_depthnorm._report import STATS, TRACED_MSG, FlowReport
 
 KINDS = ("dead", "vanishing", "exploding", "nonfinite")
+DEAD_MSG = (
+  "the gradient is exactly zero{at}; common and intended at init below a zero-initialized "
+  "layer (a zero-init head, a ResNet block's zero-init last BatchNorm scale), which passes "
+  "no gradient down until its own weights move; a real problem if still zero after the "
+  "first few updates (a layer that never moves: frozen, cut off from the loss, or ReLUs "
+  "off for every input)"
+)
+NOT_A_REPORT_MSG = (
+  "diagnose takes one FlowReport (from `odn.gradient_flow(grads)`, `odn.flow_from_state"
+  "(opt_state)` or `odn.activation_gradient_norms`), got {what}; for a gradient pytree "
+  "call `odn.diagnose(odn.gradient_flow(grads))`."
+)
 
 
 class Flag(NamedTuple):
@@ -49,6 +61,25 @@ def _concrete(report: FlowReport, field: str) -> np.ndarray:
   return value
 
 
+def _check_report(report: Any) -> int | None:
+  """Raises a clear error unless `report` is one diagnosable step; returns its step (or None)."""
+  if not isinstance(report, FlowReport):
+    what = "an empty dict" if isinstance(report, dict) and not report else type(report).__name__
+    if isinstance(report, (list, tuple)) and any(isinstance(r, FlowReport) for r in report):
+      what = f"a {type(report).__name__} of reports (diagnose each one)"
+    raise TypeError(NOT_A_REPORT_MSG.format(what=what))
+  step = report.step
+  if step is None or isinstance(step, jax.core.Tracer) or np.ndim(step) != 0:
+    return None  # stacked steps and traced values are refused by `_concrete`
+  step = int(step)
+  if step < 0:
+    raise ValueError(
+      "the report holds no step yet (step -1: the tracker has seen no update, its "
+      "statistics are the zeros of `init`); diagnose it after the first `update`."
+    )
+  return step
+
+
 def _check_thresholds(stat: str, thresholds: dict[str, float]) -> None:
   if stat not in STATS[:4]:
     raise ValueError(f"stat must be one of {STATS[:4]}, got {stat!r}.")
@@ -72,7 +103,7 @@ def _flag(report: FlowReport, i: int, values: np.ndarray, max_abs: np.ndarray, t
   if not np.isfinite(max_abs[i]):
     return "nonfinite", f"the gradient holds inf or nan (max|g| = {max_abs[i]})"
   if max_abs[i] == 0:
-    return "dead", "the gradient is exactly zero"
+    return "dead", DEAD_MSG.format(at="" if t["step"] is None else f" at step {t['step']}")
   finite = [
     (values[j], j)
     for j in range(i + 1, len(values))
@@ -144,6 +175,13 @@ def diagnose(
   scale. Layers of size 0 (masked out) are skipped. Depths must count from the
   input (the default labels, not ``reverse=True``).
 
+  A ``dead`` flag at init is often intended: a zero-initialized layer (big_vision's
+  zero-init head, the zero-init last BatchNorm scale of each block of Flax's
+  ResNet) passes no gradient to the layers below it until its own weights move,
+  so those layers are exactly zero at step 0; the flag's reason says so (and
+  names the step when the report has one). A layer still exactly zero after
+  the first few updates never moves: that is the real problem.
+
   Args:
     report: a one-step `FlowReport` (from `gradient_flow`, `flow_from_state`
       or `activation_gradient_norms`), with concrete values.
@@ -158,15 +196,21 @@ def diagnose(
     A list of `Flag` (kind, depth, path, one-line reason), ordered by depth;
     empty when every layer looks healthy.
 
+  Raises:
+    TypeError: `report` is not a `FlowReport` (a gradient pytree, a list of
+      reports), or holds traced values.
+    ValueError: a report of stacked steps, a tracker's report before its first
+      update (step -1), or invalid thresholds.
+
   Example:
     >>> import jax.numpy as jnp
     >>> import optax_depthnorm as odn
     >>> grads = {f"Dense_{i}": {"kernel": jnp.full(4, s)}
     ...          for i, s in enumerate([1e-9, 0.0, 2e-7, 1e-3, 1e-2])}
-    >>> for flag in odn.diagnose(odn.gradient_flow(grads)):
+    >>> for flag in odn.diagnose(odn.gradient_flow(grads)):  # doctest: +ELLIPSIS
     ...   print(flag)
     vanishing at depth 0 (Dense_0): rms 1.00e-09 is below the floor 1e-08
-    dead at depth 1 (Dense_1): the gradient is exactly zero
+    dead at depth 1 (Dense_1): the gradient is exactly zero; common and intended at init ...
     vanishing at depth 2 (Dense_2): rms 2.00e-07 is 2.0e-05 x the largest above it
     (1.00e-02 at depth 4; threshold 1e-03)
 
@@ -182,13 +226,14 @@ def diagnose(
     "floor": floor,
     "ceiling": ceiling,
   }
+  step = _check_report(report)
   _check_thresholds(stat, thresholds)
   values, max_abs = _concrete(report, stat), _concrete(report, "max_abs")
   flags = []
   for i in range(len(values)):
     if report.sizes[i] == 0:
       continue
-    found = _flag(report, i, values, max_abs, {**thresholds, "stat": stat})
+    found = _flag(report, i, values, max_abs, {**thresholds, "stat": stat, "step": step})
     if found is not None:
       flags.append(Flag(found[0], report.depths[i], report.paths[i], found[1]))
   return flags

@@ -10,30 +10,32 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_depthnorm import _depths, _layers, _reduce, _tree
+from optax_depthnorm import _checks, _depths, _layers, _reduce, _tree
 
 Target = Union[float, jax.Array, str, Callable[[Any, Any], jax.Array]]
 TARGETS = ("last_layer", "last_layer_weights")
 GROUPS = ("leaf", "layer")
+TARGET_ACCEPTS = f"a number, a scalar array, one of {TARGETS} or a callable (updates, params)"
 NO_PARAMS_MSG = (
   "target='last_layer_weights' normalizes to the final layer's weight norm and needs "
   "`params`: call `update(updates, state, params)`."
 )
 
 
-def _check_args(target: Target, norm: str, eps: Any, group: str) -> None:
+def _check_args(target: Target, norm: str, eps: Any, group: str) -> bool:
+  """Raises for a bad static argument; returns whether a numeric target is static."""
   _tree.check_norm(norm)
   if group not in GROUPS:
     raise ValueError(f"group must be one of {GROUPS}, got {group!r}.")
+  _checks.check("eps", eps, _checks.EPS)
   if isinstance(target, str) and target not in TARGETS:
     raise ValueError(
       f"target must be a number, one of {TARGETS} or a callable (updates, params) -> "
       f"scalar; got {target!r}."
     )
-  if _tree.is_concrete_number(target) and not target >= 0:
-    raise ValueError(f"target must be a non-negative number, got {target!r}.")
-  if _tree.is_concrete_number(eps) and not eps > 0:
-    raise ValueError(f"eps must be a positive number, got {eps!r}.")
+  if isinstance(target, str) or callable(target):
+    return False
+  return _checks.check("target", target, _checks.NON_NEGATIVE, TARGET_ACCEPTS)
 
 
 class LayerwiseNormalizeState(NamedTuple):
@@ -77,7 +79,10 @@ def _deepest_norm(tree: Any, stored: _layers.Depths, norm: str) -> jax.Array:
   return _reduce.norm(l2, totals, norm)[0]
 
 
-def _target_value(target: Target, updates: Any, params: Any, stored: Any, norm: str) -> Any:
+def _target_value(
+  target: Target, updates: Any, params: Any, stored: Any, norm: str, static: bool
+) -> Any:
+  """N: a static number as given; a traced one, or a callable's value, clipped to [0, inf)."""
   if isinstance(target, str) and target == "last_layer":
     return _deepest_norm(updates, stored, norm)
   if isinstance(target, str):
@@ -85,8 +90,8 @@ def _target_value(target: Target, updates: Any, params: Any, stored: Any, norm: 
       raise ValueError(NO_PARAMS_MSG)
     return _deepest_norm(params, stored, norm)
   if callable(target):
-    return target(updates, params)
-  return target
+    return _checks.bounded("target(updates, params)", target(updates, params), _checks.NON_NEGATIVE)
+  return target if static else _checks.bounded("target", target, _checks.NON_NEGATIVE)
 
 
 def _block_norms(leaves: list[Any], found: list[_layers.Leaf], group: str, norm: str) -> list:
@@ -133,14 +138,20 @@ def layerwise_normalize(
   optimizer (Adam) a per-block rescale mostly cancels: the paper uses SGD.
 
   Args:
-    target: N: a non-negative number (default 1), ``"last_layer"``,
-      ``"last_layer_weights"`` (needs `params` in `update`), or a callable
-      ``(updates, params) -> scalar``. Under `optax.inject_hyperparams` list a
-      callable target in `static_args`.
+    target: N: a non-negative finite number or scalar array (default 1),
+      ``"last_layer"``, ``"last_layer_weights"`` (needs `params` in `update`),
+      or a callable ``(updates, params) -> scalar``. A static number out of
+      range is a ValueError; a traced one (under `optax.inject_hyperparams`)
+      and a callable's value are clipped into [0, inf) at use (a NaN stays
+      NaN). Under `optax.inject_hyperparams` list a callable target in
+      `static_args`.
     norm: the block norm: ``"l2"`` (the paper's), ``"l1"``, ``"max"`` or
       ``"rms"`` (root mean square, $\sqrt{\mathrm{mean}\, g^2}$).
     eps: blocks with a norm below eps are divided by eps instead (so they are
-      scaled up by at most N / eps).
+      scaled up by at most N / eps): a non-negative finite number. An eps
+      below the smallest normal float of the norm's dtype (1.2e-38 in float32),
+      0 and subnormals included, acts as that smallest normal (XLA flushes
+      subnormals to zero). A traced eps is clipped the same way at use.
     group: ``"leaf"`` or ``"layer"``.
     depths: what defines the layers (for ``group="layer"``, the ``last_layer``
       targets and stacked leaves): ``None`` (the order of the tree given to
@@ -175,7 +186,7 @@ def layerwise_normalize(
     Yu et al., "Block-normalized gradient method: an empirical study for training
     deep neural network", 2017, https://arxiv.org/abs/1707.04822
   """
-  _check_args(target, norm, eps, group)
+  static = _check_args(target, norm, eps, group)
   _depths.check_stack_axis_type(stack_axis)
 
   def init_fn(params: Any) -> LayerwiseNormalizeState:
@@ -185,11 +196,11 @@ def layerwise_normalize(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    n = _target_value(target, updates, params, state.depths, norm)
+    n = _target_value(target, updates, params, state.depths, norm, static)
     leaves, treedef, found = _layers.read(updates, state.depths)
     for leaf, block in zip(found, _block_norms(leaves, found, group, norm)):
       alone = leaf.depth < 0
-      inverse = jnp.where(alone, 1, _tree.safe_ratio(1, block, eps))
+      inverse = jnp.where(alone, 1, _tree.safe_ratio(1, block, _checks.floor_eps(eps, block.dtype)))
       leaves[leaf.index] = _tree.scale_leaf(leaves[leaf.index], inverse, jnp.where(alone, 1, n))
     return jax.tree_util.tree_unflatten(treedef, leaves), state
 

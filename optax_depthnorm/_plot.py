@@ -37,8 +37,46 @@ def _pyplot() -> Any:
 
 
 def _check_stat(stat: str) -> None:
-  if stat not in STAT_LABELS:
+  if not isinstance(stat, str) or stat not in STAT_LABELS:
     raise ValueError(f"stat must be one of {tuple(STAT_LABELS)}, got {stat!r}.")
+
+
+def _stat_names(stats: str | Sequence[str]) -> tuple[str, ...]:
+  """`stats` as a tuple of valid names; a single name is one stat."""
+  if isinstance(stats, str):
+    stats = (stats,)
+  elif not isinstance(stats, Sequence):
+    raise TypeError(
+      f"stats must be a name or a sequence of names from {tuple(STAT_LABELS)}, got "
+      f"{type(stats).__name__}."
+    )
+  if not stats:
+    raise ValueError(f"stats is empty; name at least one of {tuple(STAT_LABELS)}.")
+  for stat in stats:
+    _check_stat(stat)
+  return tuple(stats)
+
+
+def _history(reports: Sequence[_report.FlowReport], stat: str) -> tuple[Any, Any, Any]:
+  """(values, steps, first report) of one-step reports, one row per report, for the heat map."""
+  first = reports[0]
+  for k, r in enumerate(reports):
+    if (r.paths, r.depths) != (first.paths, first.depths):
+      raise ValueError(
+        f"report {k} has other layers than report 0 ({len(r.paths)} vs {len(first.paths)}: "
+        "paths or depths differ); a heat map needs the same layers at every step."
+      )
+    if np.ndim(r.norm) != 1:
+      raise ValueError(
+        f"report {k} holds arrays of shape {np.shape(r.norm)} (stacked steps); pass a list "
+        "of one-step reports, or the stacked report itself."
+      )
+    if getattr(r, stat) is None:
+      raise ValueError(f"report {k} has no {stat!r}: pass params to gradient_flow.")
+  values = np.stack([np.asarray(getattr(r, stat), np.float64) for r in reports])
+  steps = [r.step for r in reports]
+  known = all(s is not None and np.ndim(s) == 0 for s in steps)
+  return values, (np.asarray(steps) if known else None), first
 
 
 def _runs(reports: Reports, labels: Sequence[str] | None) -> list[tuple[str | None, Any]]:
@@ -96,7 +134,7 @@ def plot_gradient_flow(
   reports: Reports,
   ax: Any = None,
   *,
-  stats: Sequence[str] = ("mean_abs", "max_abs"),
+  stats: str | Sequence[str] = ("mean_abs", "max_abs"),
   labels: Sequence[str] | None = None,
   title: str | None = None,
   max_named: int = MAX_NAMED_LAYERS,
@@ -114,7 +152,8 @@ def plot_gradient_flow(
       label -> report.
     ax: matplotlib Axes to draw on; a new figure if None.
     stats: which statistics to draw, one line each per run: ``"mean_abs"``,
-      ``"max_abs"``, ``"norm"``, ``"rms"``, ``"param_norm"`` or ``"ratio"``.
+      ``"max_abs"``, ``"norm"``, ``"rms"``, ``"param_norm"`` or ``"ratio"``
+      (a single name, or a sequence of them).
     labels: legend labels for the runs (default: the mapping's keys, or
       ``run 0, run 1, ...``).
     title: the Axes title.
@@ -136,8 +175,7 @@ def plot_gradient_flow(
   References:
     "Analysis of vanishing gradient problem" (the VGG08/VGG38 report), figs. 2-3.
   """
-  for stat in stats:
-    _check_stat(stat)
+  stats = _stat_names(stats)
   runs = _runs(reports, labels)
   plt = _pyplot()
   if ax is None:
@@ -163,6 +201,36 @@ def plot_gradient_flow(
   return ax
 
 
+def _heatmap_rows(source: Any, stat: str, params: Any, depths: Any) -> tuple[Any, Any, Any]:
+  """(values (steps, n_layers), steps or None, a report naming the layers) of a heat map."""
+  listed = isinstance(source, (list, tuple))
+  if listed and source and all(isinstance(r, _report.FlowReport) for r in source):
+    return _history(source, stat)
+  if isinstance(source, Mapping) and any(
+    isinstance(r, _report.FlowReport) for r in source.values()
+  ):
+    raise TypeError(
+      "plot_flow_heatmap draws one run: pass one report (or a list of one-step reports), "
+      "not a mapping of runs; draw one heat map per run, with the same `vmin` and `vmax`."
+    )
+  if listed and any(isinstance(r, _report.FlowReport) for r in source):
+    raise TypeError("source mixes FlowReports with other values; pass a list of FlowReports.")
+  if isinstance(source, _report.FlowReport):
+    report = source
+  else:
+    report = _track.flow_from_state(source, params, depths=depths, history=True)
+  values = getattr(report, stat)
+  if values is None or np.ndim(values) != 2:
+    raise ValueError(
+      f"plot_flow_heatmap needs {stat!r} of shape (steps, n_layers), got "
+      f"{None if values is None else np.shape(values)}; pass a history "
+      "(`flow_from_state(state, history=True)`, reports stacked by `lax.scan`, or a "
+      "list of one-step reports)."
+    )
+  steps = None if report.step is None else np.asarray(report.step)
+  return np.asarray(values, np.float64), steps, report
+
+
 def plot_flow_heatmap(
   source: Any,
   ax: Any = None,
@@ -183,6 +251,7 @@ def plot_flow_heatmap(
   Args:
     source: a `FlowReport` with arrays of shape ``(steps, n_layers)`` (e.g.
       reports stacked by ``lax.scan``, or ``flow_from_state(..., history=True)``),
+      a list of one-step reports of the same layers (one row each, oldest first),
       or an optimizer state holding a `track_gradient_flow` (its recorded
       history is plotted).
     ax: matplotlib Axes to draw on; a new figure if None.
@@ -215,18 +284,7 @@ def plot_flow_heatmap(
     (3, 2)
   """
   _check_stat(stat)
-  if isinstance(source, _report.FlowReport):
-    report = source
-  else:
-    report = _track.flow_from_state(source, params, depths=depths, history=True)
-  values = getattr(report, stat)
-  if values is None or np.ndim(values) != 2:
-    raise ValueError(
-      f"plot_flow_heatmap needs {stat!r} of shape (steps, n_layers), got "
-      f"{None if values is None else np.shape(values)}; pass a history "
-      "(`flow_from_state(state, history=True)` or reports stacked by `lax.scan`)."
-    )
-  values = np.asarray(values, np.float64)
+  values, steps, report = _heatmap_rows(source, stat, params, depths)
   if values.shape[0] == 0:
     raise ValueError("the history is empty: no update has been recorded yet.")
   plt = _pyplot()
@@ -243,7 +301,7 @@ def plot_flow_heatmap(
     vmax=vmax,
   )
   ax.figure.colorbar(image, ax=ax, label=f"log10 {STAT_LABELS[stat]}")
-  steps = np.arange(values.shape[0]) if report.step is None else np.asarray(report.step)
+  steps = np.arange(values.shape[0]) if steps is None else steps
   rows = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 6)).round().astype(int))
   ax.set_yticks(rows, [str(s) for s in steps[rows]])
   ax.set_ylabel("training step")

@@ -200,6 +200,38 @@ def ratio(norm: jax.Array, param_norm: jax.Array) -> jax.Array:
   return jnp.where(positive, quotient, jnp.where(norm > 0, jnp.inf, 0))
 
 
+def param_shapes(tree: Any) -> dict[str, tuple[int, ...] | None]:
+  """The parameter leaves of `tree` by path, in tree order: their shapes (None: masked)."""
+  return {
+    _tree.path_name(path): (None if getattr(x, "shape", None) is None else tuple(x.shape))
+    for path, x in _tree.flatten(tree)[0]
+    if _tree.is_param_leaf(x)
+  }
+
+
+def check_same_tree(
+  tree: Any, reference: dict[str, tuple[int, ...] | None], names: tuple[str, str], hint: str
+) -> None:
+  """Raises a ValueError naming the first path where `tree` and `reference` differ.
+
+  `reference` is `param_shapes` of the other tree (a shape of None is not
+  compared); `names` name the two trees in the message, `hint` ends it.
+  """
+  a, b = names
+  got = param_shapes(tree)
+  problems = []
+  for name, shape in reference.items():
+    if name not in got:
+      problems.append(f"they have no leaf {name!r} (which {b} have)")
+    elif None not in (shape, got[name]) and shape != got[name]:
+      problems.append(f"their {name!r} has shape {got[name]}, not {shape} as in {b}")
+  problems += [f"they have a leaf {name!r} that {b} lack" for name in got if name not in reference]
+  if problems:
+    more = f" (and {len(problems) - 1} more paths differ)" if len(problems) > 1 else ""
+    what = "paths and shapes" if any(v is not None for v in reference.values()) else "paths"
+    raise ValueError(f"{a} must have the {what} of {b}, but {problems[0]}{more}; {hint}")
+
+
 def gradient_flow(
   grads: Any, params: Any = None, depths: Any = None, *, stack_axis: Any = None
 ) -> FlowReport:
@@ -227,7 +259,8 @@ def gradient_flow(
 
   Args:
     grads: a gradient or update pytree (linen, NNX, Equinox, dicts).
-    params: optional parameters with the same paths, for the weight norms.
+    params: optional parameters with the same paths and shapes, for the weight
+      norms (a ValueError names the first path where they differ).
     depths: what defines the layers: ``None`` (the order of `grads`, see
       `layer_depths`; gradients from `jax.grad` have sorted keys, so pass the
       depths of the params when the names do not tell the order), a rule, an
@@ -259,6 +292,8 @@ def gradient_flow(
   norm, mean_abs, max_abs, rms = stats(*layer_stats(grads, stored, table.ids, len(table.depths)))
   param_norm = ratio_ = None
   if params is not None:
+    hint = "pass the params the gradient was taken of (or none)."
+    check_same_tree(params, param_shapes(grads), ("params", "grads"), hint)
     param_norm = layer_stats(params, stored, table.ids, len(table.depths))[1]
     ratio_ = ratio(norm, param_norm)
   values = [v if v is None else v.astype(dtype) for v in (norm, mean_abs, max_abs, rms)]

@@ -153,6 +153,9 @@ def track_gradient_flow(
     missing = jnp.full((n,), jnp.nan, dtype)
     param_norm = ratio = missing
     if params is not None:
+      hint = "`update(updates, state, params)` takes the params the updates are for."
+      names = ("the params given to `update`", "the updates")
+      _report.check_same_tree(params, _report.param_shapes(updates), names, hint)
       param_norm = _report.layer_stats(params, state.depths, ids, n)[1]
       ratio = _report.ratio(values[0], param_norm)
     stats = FlowStats(*(v.astype(dtype) for v in (*values, param_norm, ratio)))
@@ -237,7 +240,8 @@ def flow_from_state(
   Args:
     opt_state: an optimizer state that contains one `track_gradient_flow`.
     params: a tree with the paths of the params the optimizer was initialized
-      with (values unused), for the layers' sizes. Rows are named from the
+      with (values unused; a ValueError names the first path that differs), for
+      the layers' sizes (those of `params`). Rows are named from the
       depths the tracker keeps in its state, so each name sits beside its own
       layer's values whatever the key order of `params`; without `params`
       names come from the state's paths and sizes are unknown (-1).
@@ -269,6 +273,13 @@ def flow_from_state(
   """
   state = _find_tracker(opt_state, index)
   n = state.flow.norm.shape[-1]
+  if params is not None and isinstance(state.depths, Mapping):  # its keys are static
+    hint = (
+      "pass a tree with the paths of the params the optimizer was initialized with "
+      "(values unused), or none."
+    )
+    names = ("params", "the params at `init`")
+    _report.check_same_tree(params, dict.fromkeys(state.depths), names, hint)
   paths, depth_labels, sizes = _names(state, params, depths, stack_axis)
   if len(depth_labels) != n:
     raise ValueError(LAYER_MISMATCH_MSG.format(expected=n, got=len(depth_labels)))

@@ -51,6 +51,20 @@ def path_name(path: Sequence[Any]) -> str:
   return "/".join(path_parts(path))
 
 
+def is_weight_bias(node: Any) -> bool:
+  """A ``(W, b)`` tuple, the JAX tutorials' layer: a matrix (or more) and a vector."""
+  if type(node) is not tuple or len(node) != 2:
+    return False
+  w, b = (getattr(x, "ndim", None) for x in node)
+  return w is not None and b is not None and w >= 2 and b == 1
+
+
+def weight_bias_paths(tree: Any) -> set[tuple[str, ...]]:
+  """Paths of the ``(W, b)`` tuples of `tree`: each is one layer, not two."""
+  found = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_weight_bias)[0]
+  return {path_parts(p) for p, node in found if is_weight_bias(node)}
+
+
 def _is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
@@ -111,8 +125,9 @@ def safe_ratio(numerator: jax.Array, norm: jax.Array, eps: Any) -> jax.Array:
   norm = jnp.asarray(norm)
   numerator = jnp.asarray(numerator).astype(norm.dtype)
   denom = jnp.maximum(norm, jnp.asarray(eps).astype(norm.dtype))
-  if is_concrete_number(eps) and np.asarray(eps, norm.dtype) > 0:
-    # denom >= eps > 0 needs no guard; unguarded, `norm` has a single use, so XLA
+  if is_concrete_number(eps) and np.asarray(eps, np.float64) >= jnp.finfo(norm.dtype).tiny:
+    # denom >= eps > 0 needs no guard (a subnormal eps would: XLA flushes it to
+    # zero, hence the smallest normal float); unguarded, `norm` has a single use, so XLA
     # fuses its reduction, the max and the divide into one kernel per block
     # (the guard splits that in two: one more kernel per block, every step).
     return numerator / denom

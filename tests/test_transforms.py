@@ -202,7 +202,7 @@ _ERRORS = [
   (lambda: odn.layerwise_normalize(group="block"), ValueError, "group must be one of"),
   (lambda: odn.layerwise_normalize(target="first_layer"), ValueError, "target must be"),
   (lambda: odn.layerwise_normalize(target=-1.0), ValueError, "non-negative number"),
-  (lambda: odn.layerwise_normalize(eps=0.0), ValueError, "eps must be a positive"),
+  (lambda: odn.layerwise_normalize(eps=-1.0), ValueError, "eps must be a non-negative"),
   (lambda: odn.depth_normalized(2.0, decay="linear"), ValueError, "decay='linear'"),
 ]
 
