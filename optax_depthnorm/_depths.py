@@ -333,7 +333,9 @@ def leaf_depths(tree: Any, depths: Any, stack_axis: StackAxis = None) -> list[De
     out.append(label)
   known = set(names)
   hidden = tuple(n + "/" for n, (_, x) in zip(names, flat) if isinstance(x, optax.MaskedNode))
-  extra = [k for k in table if k not in known and not k.startswith(hidden)]
+  extra = [  # a -1 entry may label what the tree filters out (an Equinox model's non-arrays)
+    k for k, d in table.items() if k not in known and not k.startswith(hidden) and d != NOT_A_LAYER
+  ]
   if extra:
     raise ValueError(
       f"depths has entries for paths the tree does not have: {extra[:4]}; depths were "

@@ -82,13 +82,16 @@ def _deepest_norm(tree: Any, stored: _layers.Depths, norm: str) -> jax.Array:
 def _target_value(
   target: Target, updates: Any, params: Any, stored: Any, norm: str, static: bool
 ) -> Any:
-  """N: a static number as given; a traced one, or a callable's value, clipped to [0, inf)."""
-  if isinstance(target, str) and target == "last_layer":
-    return _deepest_norm(updates, stored, norm)
+  """N: a static number as given; a traced one, or a callable's value, clipped to [0, inf).
+
+  A final layer of norm exactly 0 (a frozen head's gradient, a zero-initialized
+  head's weights) would zero every update forever: N falls back to 1 there.
+  """
   if isinstance(target, str):
-    if params is None:
+    if target != "last_layer" and params is None:
       raise ValueError(NO_PARAMS_MSG)
-    return _deepest_norm(params, stored, norm)
+    n = _deepest_norm(updates if target == "last_layer" else params, stored, norm)
+    return jnp.where(n > 0, n, jnp.ones_like(n))
   if callable(target):
     return _checks.bounded("target(updates, params)", target(updates, params), _checks.NON_NEGATIVE)
   return target if static else _checks.bounded("target", target, _checks.NON_NEGATIVE)
@@ -129,6 +132,9 @@ def layerwise_normalize(
   the final layer's gradient (``target="last_layer"``), the norm of its weights
   (``"last_layer_weights"``), or any function of the updates and params
   (docs/methods/layerwise_normalize.md explains these readings of the paper).
+  Where the final layer's norm is exactly 0 (a frozen head's gradient, a
+  zero-initialized head's weights) the paper's N would zero every update for
+  good; N is 1 there instead (the plain block-normalized gradient).
 
   A zero block stays zero (never NaN); a NaN or Inf in a block shows in the
   output. Norms are computed in float32 (float64 for float64 leaves) without

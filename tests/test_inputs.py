@@ -325,3 +325,31 @@ def test_float64_bgn_keeps_kappa_in_float64():
     out = _cotangent(jnp.ones((4, 3), jnp.float64), jnp.asarray(g), kappa=math.pi)
     assert out.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(out), g * math.pi / np.linalg.norm(g), rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- last-layer targets
+
+
+@pytest.mark.parametrize("target", ["last_layer", "last_layer_weights"])
+def test_a_zero_final_layer_falls_back_to_target_one(target):
+  # A frozen head (zero gradient) or a zero-initialized head (zero weights): the paper's
+  # N = 0 would zero every update forever; N is 1 instead, so training moves.
+  params = {"hidden": {"kernel": jnp.ones((2, 2))}, "head": {"kernel": jnp.zeros((2, 1))}}
+  grads = {"hidden": {"kernel": jnp.full((2, 2), 3.0)}, "head": {"kernel": jnp.zeros((2, 1))}}
+  tx = odn.layerwise_normalize(target=target, depths={"hidden": 0, "head": 1})
+  for update in (tx.update, jax.jit(tx.update)):
+    updates, _ = update(grads, tx.init(params), params)
+    np.testing.assert_allclose(
+      np.linalg.norm(np.float64(updates["hidden"]["kernel"])), 1.0, rtol=1e-6
+    )
+    np.testing.assert_array_equal(updates["head"]["kernel"], 0.0)
+
+
+def test_a_nonzero_final_layer_keeps_the_papers_target():
+  params = {"hidden": {"kernel": jnp.ones((2, 2))}, "head": {"kernel": jnp.full((2, 1), 2.0)}}
+  grads = {"hidden": {"kernel": jnp.ones((2, 2))}, "head": {"kernel": jnp.full((2, 1), 0.5)}}
+  tx = odn.layerwise_normalize(target="last_layer_weights", depths={"hidden": 0, "head": 1})
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(
+    np.linalg.norm(np.float64(updates["hidden"]["kernel"])), np.sqrt(8.0), rtol=1e-6
+  )

@@ -60,3 +60,11 @@ def test_masked_subtrees_keep_working_with_full_depths():
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params))
   assert_close(updates["a"]["kernel"], np.ones((2, 2)))
+
+
+def test_extra_entries_at_minus_one_are_what_a_filter_dropped():
+  # infer_depths(eqx_model) labels non-array fields -1; eqx.filter(model, eqx.is_array)
+  # turns them into None, which the transformed tree then lacks.
+  params = {"w": jnp.ones((2, 2)), "p": None}
+  tx = odn.depth_decay(0.5, depths={"w": 0, "p": odn.NOT_A_LAYER, "gone": {"flag": -1}})
+  assert tx.init(params).depths.keys() == {"w"}
