@@ -77,13 +77,7 @@ def _named_members(leaves: Sequence[Leaf]) -> dict[int, tuple[Hashable, int]]:
         found.setdefault((leaf.parts[:k], match["stem"] or ""), set()).add(int(match["index"]))
   groups = {key for key, indices in found.items() if len(indices) >= 2}
 
-  def member(leaf: Leaf, key: tuple[tuple[str, ...], str]) -> int | None:
-    prefix, stem = key
-    if len(leaf.parts) <= len(prefix) or leaf.parts[: len(prefix)] != prefix:
-      return None
-    match = _INDEXED.match(leaf.parts[len(prefix)])
-    return int(match["index"]) if match and (match["stem"] or "") == stem else None
-
+  member = lambda leaf, key: _index_in(leaf.parts, key)
   groups -= {k for k in groups for leaf in leaves if leaf.stack and member(leaf, k) is not None}
   outer = {a for a in groups if not any(b != a and _inside(a, b) for b in groups)}
   composite = {
@@ -133,13 +127,18 @@ def _zip_interleaved(named: dict[int, tuple[Hashable, int]], leaves: Sequence[Le
   return {i: (merged.get(key, key), index) for i, (key, index) in named.items()}
 
 
+def _index_in(parts: tuple[str, ...], key: tuple[tuple[str, ...], str]) -> int | None:
+  """The index of the member of group `key` (prefix, stem) that `parts` lies under, if any."""
+  prefix, stem = key
+  if len(parts) <= len(prefix) or parts[: len(prefix)] != prefix:
+    return None
+  match = _INDEXED.match(parts[len(prefix)])
+  return int(match["index"]) if match and (match["stem"] or "") == stem else None
+
+
 def _inside(a: tuple[tuple[str, ...], str], b: tuple[tuple[str, ...], str]) -> bool:
   """Whether group `a` lies inside a member of group `b`."""
-  (pa, _), (pb, stem) = a, b
-  if len(pa) <= len(pb) or pa[: len(pb)] != pb:
-    return False
-  match = _INDEXED.match(pa[len(pb)])
-  return bool(match) and (match["stem"] or "") == stem
+  return _index_in(a[0], b) is not None
 
 
 def _regex_members(leaves: Sequence[Leaf], blocks: str | re.Pattern[str]) -> dict:

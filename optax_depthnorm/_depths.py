@@ -313,10 +313,11 @@ def leaf_depths(tree: Any, depths: Any, stack_axis: StackAxis = None) -> list[De
     if not _tree.is_param_leaf(leaf):
       out.append(NOT_A_LAYER)
       continue
-    under = [d for k, d in table.items() if k.startswith(name + "/")]
-    if name not in table and under and isinstance(leaf, optax.MaskedNode):
-      out.append(deepest(under))  # a subtree `optax.masked` hid whole: its deepest layer
-      continue
+    if name not in table and isinstance(leaf, optax.MaskedNode):
+      under = [d for k, d in table.items() if k.startswith(name + "/")]
+      if under:
+        out.append(deepest(under))  # a subtree `optax.masked` hid whole: its deepest layer
+        continue
     if name not in table:
       raise ValueError(
         f"depths has no entry for the leaf at {name!r}; compute depths with "

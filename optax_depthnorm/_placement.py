@@ -83,16 +83,16 @@ class Scopes:
     return max(value - 1, 0)
 
 
+def _first_use(unit: Unit) -> int:
+  """A consumed unit's depth: its first use (an elementwise use joins the layer before)."""
+  return min(unit.consumed + [max(e - 1, 0) for e in unit.elementwise])
+
+
 def layer_labels(
   parts: Sequence[tuple[str, ...]], leaf_units: Sequence[list[Unit]]
 ) -> tuple[list[list[int]], list[list[int]]]:
   """Per leaf, per unit: the layer-granularity depth and the position (see `_blocks.Leaf`)."""
-  placed = [
-    (parts[u.leaf], u, min(u.consumed + [max(e - 1, 0) for e in u.elementwise]))
-    for us in leaf_units
-    for u in us
-    if u.consumed
-  ]
+  placed = [(parts[u.leaf], u, _first_use(u)) for us in leaf_units for u in us if u.consumed]
   scopes = Scopes(placed)
   depths, positions = [], []
   for us in leaf_units:
@@ -103,7 +103,7 @@ def layer_labels(
         p.append(NOT_A_LAYER)
         continue
       if u.consumed:
-        d.append(min(u.consumed + [max(e - 1, 0) for e in u.elementwise]))
+        d.append(_first_use(u))
       else:
         d.append(scopes.place(parts[u.leaf], u, min(u.elementwise)))
       p.append(min([2 * c for c in u.consumed] + [2 * e - 1 for e in u.elementwise]))
