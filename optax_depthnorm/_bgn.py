@@ -14,7 +14,9 @@ from optax_depthnorm import _checks, _reduce, _tree
 
 Kappa = Union[None, float, jax.Array, Callable[[tuple[int, ...]], float]]
 KAPPA_ACCEPTS = "None, a number, a scalar array or a callable of x.shape"
-X_MSG = "bgn: x must be a floating array (float16, bfloat16, float32 or float64), got {got}."
+X_MSG = (
+  "bgn: x must be a floating array (float16, bfloat16, float32, float64, or complex), got {got}."
+)
 
 
 def default_kappa(shape: tuple[int, ...]) -> float:
@@ -52,7 +54,7 @@ def _check_x(x: Any) -> None:
   dtype = getattr(x, "dtype", None)
   if dtype is None:
     raise TypeError(X_MSG.format(got="None" if x is None else f"a {type(x).__name__}"))
-  if not jnp.issubdtype(dtype, jnp.floating):
+  if not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(X_MSG.format(got=_checks.describe(x)))
 
 
@@ -119,8 +121,9 @@ def bgn(
   the relative sizes of the examples' gradients.
 
   Args:
-    x: the pre-activation, batch axis first: a floating array (else a
-      TypeError).
+    x: the pre-activation, batch axis first: a real or complex floating
+      array (else a TypeError). A complex cotangent's norm is of its moduli,
+      ``sqrt(sum |g|^2)``, and the rescale keeps its phase.
     kappa: the gradient norm after BGN: ``None`` for ``sqrt(d)``, a
       non-negative finite number or scalar array, or a callable of ``x.shape``
       returning one. A static value out of range is a ValueError; a traced one

@@ -137,7 +137,8 @@ def depth_decay(
   ``model.init`` returns, an Equinox module) or pass ``depths=``.
 
   The factors are computed in float32, or in float64 when a leaf is float64
-  (with x64 on), and each leaf is scaled in float32 or wider and keeps its dtype.
+  (with x64 on), and each leaf is scaled in float32 or wider and keeps its dtype
+  (a complex leaf is scaled by the real factor).
 
   Args:
     gamma: the decay rate $\gamma \ge 0$, finite ($\le 1$ for linear): a

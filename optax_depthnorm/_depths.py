@@ -182,7 +182,7 @@ def layer_depths(
     names the siblings and the fix.
 
   ``nn.Sequential`` names ``layers_0, layers_2`` get depths 0, 1. Leaves that
-  are not floating arrays (ints, empty arrays) get depth -1 and are left alone
+  are not real or complex floating arrays (ints, empty arrays) get depth -1 and are left alone
   by every transform; `None` leaves stay `None`. A trailing ``value`` key (an
   NNX ``Variable``) is ignored, so an ``nnx.State`` and the pure dict of the
   same model get the same labels.

@@ -134,12 +134,28 @@ def mean_scale(m: jax.Array, x: jax.Array) -> jax.Array:
   """Mean over the rows x_b of `x` of ||m^T x_b|| / ||x_b|| (eq. 2-3).
 
   Rows of norm zero carry no direction and are left out of the mean; if all
-  are zero the scale is 0 (so the matrix is left alone).
+  are zero the scale is 0 (so the matrix is left alone). The ratio does not
+  change when `m` or a row is multiplied by a number, so both are first brought
+  to a largest entry in [1, 2) by a power of two (exact): the product cannot
+  overflow, for inputs and weights up to float32's largest.
   """
+  m, m_scale = _unit_pow2(m, axis=None)
+  x, _ = _unit_pow2(x, axis=-1)
   out_norms = _reduce.vector_norm(jnp.matmul(x, m, precision=_HIGHEST), axis=-1)
   in_norms = _reduce.vector_norm(x, axis=-1)
   ratios = _tree.safe_ratio(out_norms, in_norms, 0)
-  return jnp.sum(ratios) / jnp.maximum(jnp.sum(in_norms > 0), 1).astype(ratios.dtype)
+  mean = jnp.sum(ratios) / jnp.maximum(jnp.sum(in_norms > 0), 1).astype(ratios.dtype)
+  return mean * m_scale
+
+
+def _unit_pow2(x: jax.Array, axis: int | None) -> tuple[jax.Array, jax.Array]:
+  """`x` divided by 2^e, its largest |entry| (over `axis`) in [1, 2), and 2^e (1 for zeros)."""
+  top = jnp.max(jnp.abs(x), axis=axis, keepdims=axis is not None, initial=0)
+  _, exponent = jnp.frexp(jnp.where((top > 0) & jnp.isfinite(top), top, 1))
+  # ldexp, not x / 2^e: XLA turns that into x * 2^-e, and 2^-127 is subnormal (flushed to 0)
+  unit = jnp.ldexp(x, 1 - exponent)
+  scale = jnp.ldexp(jnp.ones_like(top), exponent - 1)
+  return unit, jnp.squeeze(scale) if axis is None else scale
 
 
 # ----------------------------------------------------------------------------- layer inputs

@@ -139,8 +139,9 @@ def layerwise_normalize(
   A zero block stays zero (never NaN); a NaN or Inf in a block shows in the
   output. Norms are computed in float32 (float64 for float64 leaves) without
   overflow or underflow (a block of 1e-30 or of 1e30 per entry normalizes to
-  norm N), and the output keeps each leaf's dtype. Leaves that are not floating
-  arrays, and leaves at depth -1, pass through untouched. Before an adaptive
+  norm N), and the output keeps each leaf's dtype. A complex leaf's norm is
+  of its moduli, sum |g|^2, and it keeps its phase. Leaves that are not
+  floating arrays, and leaves at depth -1, pass through untouched. Before an adaptive
   optimizer (Adam) a per-block rescale mostly cancels: the paper uses SGD.
 
   Args:

@@ -49,8 +49,10 @@ def sums(x: jax.Array, keep: tuple[int, ...] = ()) -> Sums:
   Computed in float32 (float64 for float64 `x`); the outputs broadcast
   against `x`. Unused fields cost nothing (XLA drops them).
   """
-  x = x.astype(_tree.acc_dtype(x.dtype))
   axes = _axes(x, keep)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    return _complex_sums(x, axes)
+  x = x.astype(_tree.acc_dtype(x.dtype))
   # Separate plain reductions of `x`, each a kernel XLA:CPU hands to its fast
   # reduction library; a |x| shared by two of them would be written out whole.
   sq = jnp.sum(jnp.square(x), axis=axes, keepdims=True)
@@ -61,6 +63,17 @@ def sums(x: jax.Array, keep: tuple[int, ...] = ()) -> Sums:
   )
   size = math.prod(x.shape[i] for i in axes)
   return Sums(sq, total_abs, top, jnp.full_like(sq, size))
+
+
+def _complex_sums(x: jax.Array, axes: tuple[int, ...]) -> Sums:
+  """`Sums` of a complex `x` by its moduli: sum |x|^2 = sum re^2 + im^2, sum and max |x|."""
+  real = _tree.acc_dtype(x.dtype)
+  re, im = jnp.real(x).astype(real), jnp.imag(x).astype(real)
+  modulus = jnp.abs(x).astype(real)
+  total = lambda v: jnp.sum(v, axis=axes, keepdims=True)
+  sq = total(jnp.square(re)) + total(jnp.square(im))
+  top = jnp.max(modulus, axis=axes, keepdims=True, initial=0)
+  return Sums(sq, total(modulus), top, jnp.full_like(sq, math.prod(x.shape[i] for i in axes)))
 
 
 class _Blue(NamedTuple):
@@ -84,7 +97,7 @@ def _blue(dtype: Any) -> _Blue:
 
 def _ranges(x: jax.Array, keep: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Blue's three scaled sums of squares of `x` (small, medium, big), per kept slice."""
-  a = jnp.abs(x.astype(_tree.acc_dtype(x.dtype)))
+  a = jnp.abs(x).astype(_tree.acc_dtype(x.dtype))  # a complex x by its moduli
   c = _blue(a.dtype)
   total = lambda v: jnp.sum(v, axis=_axes(x, keep), keepdims=True)
   is_small, is_big = a < c.tsml, a > c.tbig

@@ -253,8 +253,9 @@ def gradient_flow(
 
   Statistics are computed in float32 (float64 for float64 leaves) without
   overflow or underflow (a vanished gradient of 1e-25 per entry has its true
-  norm). Pure JAX: works inside `jit` (arrays out, no host sync). Leaves that
-  are not floating arrays are left out; a layer with no floating leaf (masked
+  norm); complex leaves count by their moduli |g|. Pure JAX: works inside
+  `jit` (arrays out, no host sync). Leaves that are not floating arrays are
+  left out; a layer with no floating leaf (masked
   out) has size 0 and zero statistics.
 
   Args:

@@ -79,9 +79,9 @@ def flatten(tree: Any) -> tuple[list[tuple[tuple[Any, ...], Any]], Any]:
 
 
 def is_float_leaf(x: Any) -> bool:
-  """Whether a leaf is a non-empty floating array (the only leaves we transform)."""
+  """Whether a leaf is a non-empty real or complex floating array (the leaves we transform)."""
   dtype = getattr(x, "dtype", None)
-  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+  if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
     return False
   return math.prod(getattr(x, "shape", ())) > 0
 
@@ -91,10 +91,28 @@ def is_param_leaf(x: Any) -> bool:
   return _is_masked(x) or is_float_leaf(x)
 
 
+def real_dtype(dtype: Any) -> Any:
+  """The real dtype of `dtype`'s entries: float32 for complex64, else `dtype` itself."""
+  dtype = jnp.dtype(dtype)
+  return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
+
+
 def acc_dtype(*dtypes: Any) -> Any:
-  """The dtype norms are computed in: float32, or wider if a leaf is wider."""
-  wide = [jnp.dtype(d) for d in dtypes if jnp.dtype(d).itemsize > 4]
+  """The real dtype norms are computed in: float32, or wider if a leaf is wider.
+
+  A complex leaf counts by its real parts (complex64 as float32, complex128
+  as float64): norms and factors are real, of |x|.
+  """
+  wide = [real_dtype(d) for d in dtypes if real_dtype(d).itemsize > 4]
   return max(wide, key=lambda d: d.itemsize) if wide else jnp.dtype(jnp.float32)
+
+
+def work_dtype(dtype: Any) -> Any:
+  """The dtype a leaf is scaled in: `acc_dtype`, complex where the leaf is complex."""
+  real = acc_dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return jnp.dtype(jnp.complex128 if real == jnp.float64 else jnp.complex64)
+  return real
 
 
 def check_norm(norm: str) -> None:
@@ -108,12 +126,29 @@ def scale_leaf(x: jax.Array, *factors: jax.Array) -> jax.Array:
 
   Multiplying by ``1 / ||x||`` first and by a target next keeps every
   intermediate in range where the product ``target / ||x||`` would underflow.
+  The factors are real; a complex `x` keeps its phase.
   """
-  dtype = acc_dtype(x.dtype)
-  out = x.astype(dtype)
+  real = acc_dtype(x.dtype)
+  out = x.astype(work_dtype(x.dtype))
   for f in factors:
-    out = out * jnp.asarray(f).astype(dtype)
-  return out.astype(x.dtype)
+    out = out * jnp.asarray(f).astype(real)
+  return cast_back(out, x.dtype)
+
+
+def cast_back(x: jax.Array, dtype: Any) -> jax.Array:
+  """`x` cast to `dtype`, a finite value beyond its range saturating at its largest.
+
+  Float16 holds at most 65504 (bfloat16 a little under float32's largest): a
+  finite float32 result above that would otherwise turn into Inf. An Inf or
+  NaN in `x` stays one.
+  """
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.complexfloating) or not jnp.issubdtype(dtype, jnp.floating):
+    return x.astype(dtype)
+  top = float(jnp.finfo(dtype).max)
+  if top >= float(jnp.finfo(x.dtype).max):
+    return x.astype(dtype)
+  return jnp.where(jnp.isfinite(x), jnp.clip(x, -top, top), x).astype(dtype)
 
 
 def safe_ratio(numerator: jax.Array, norm: jax.Array, eps: Any) -> jax.Array:

@@ -12,12 +12,15 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import optax
 import pytest
 
-from optax_depthnorm.experiments import cli, data, models, train
+import optax_depthnorm as odn
+from optax_depthnorm.experiments import cli, data, depth_decay, models, train
 from tests.tolerance import RTOL
 
 
@@ -280,25 +283,41 @@ def test_scale_norm_on_the_generated_fallback(tmp_path, capsys):
 
 
 def test_depth_decay(idx_dir, tmp_path):
-  settings = ["blocks=1", "width=2", "image_size=7", "train_size=32", "batch_size=16"]
+  settings = ["models=mlp", "mlp_depth=3", "mlp_width=8", "train_size=64", "batch_size=16"]
+  settings += ["val_size=32", "lrs=0.01,0.1,1.0", "seeds=0,1", "only=linear 0.5"]
   out, md = _run(
-    idx_dir,
-    tmp_path,
-    "depth-decay",
-    *[a for s in settings for a in ("--set", s)],
-    "--set",
-    "only=linear 0.5",
-    "--epochs",
-    "2",
+    idx_dir, tmp_path, "depth-decay", *[a for s in settings for a in ("--set", s)], "--epochs", "2"
   )
-  variants = out["models"]["resnet8"]["variants"]
+  variants = out["models"]["mlp3"]["variants"]
   assert list(variants) == ["baseline", "linear 0.5"]
   for v in variants.values():
-    assert np.shape(v["test_acc_by_epoch"]) == (2, 1) and _in_unit(v["test_acc_by_epoch"])
-    assert v["reach_epoch"] in (None, 1, 2)
+    assert np.shape(v["test_acc_by_epoch"]) == (2, 2) and _in_unit(v["test_acc_by_epoch"])
+    assert v["reach_epoch"] in (None, 1, 2) and v["steps"] == 2 * (64 // 16)
+    # every variant's own sweep: its rate is the argmax of its mean validation accuracy
+    assert v["selected_on"] == "val_acc" and len(v["val_acc_by_lr"]) == 3
+    assert v["best_lr"] == [0.01, 0.1, 1.0][int(np.argmax(v["val_acc_by_lr"]))]
+    assert v["best_lr_at_grid_edge"] == (v["best_lr"] != 0.1)
   assert variants["baseline"]["reach_epoch"] is not None
-  rows = _table_rows(md, "| model | variant |")
+  rows = _table_rows(md, "| model | variant | best lr |")
   assert [r[1] for r in rows] == list(variants)
+  sweep = _table_rows(md, "| model | variant | 0.01 | 0.1 | 1 |")
+  assert [sum("**" in c for c in r[2:]) for r in sweep] == [1, 1]
+
+
+def test_depth_decay_depths_count_weight_layers_from_the_input():
+  """ResNet-8: 8 weight layers deep (0..7); its 1x1 projections run beside a conv, not after."""
+  x = jnp.ones((1, 14, 14, 1))
+  cfg = depth_decay.Config(blocks=1, width=2, mlp_depth=3, mlp_width=4)
+  for kind, deepest in (("resnet", 7), ("plain", 7), ("mlp", 3)):
+    _, model = depth_decay._model(kind, cfg)
+    depths = depth_decay._depths(kind, model, x)
+    params = model.init(jax.random.key(0), x)["params"]
+    rows = [line.split() for line in odn.depth_table(params, depths).splitlines()[1:]]
+    by_path = {r[1]: r[0] for r in rows}
+    assert rows[-1][0] == str(deepest) and rows[-1][1].endswith("kernel"), rows
+    if kind == "resnet":  # (1, 1) kernels: the projections, at the depth of the block's 1st conv
+      projections = [r for r in rows if r[2:6] == ["(1,", "1,", "2,", "4)"]]
+      assert [r[0] for r in projections] == [by_path["conv_06/kernel"]] == ["3"]
 
 
 def test_vgg_flow(idx_dir, tmp_path):
