@@ -373,7 +373,11 @@ def test_cli_errors(argv, message, capsys):
 def test_cli_list_shows_the_preset_with_overrides(capsys):
   assert cli.main(["depth-decay", "--preset", "full", "--list", "--seeds", "3,4"]) is None
   out = capsys.readouterr().out
-  assert "epochs = 50" in out and "seeds = (3, 4)" in out and "models = ('resnet', 'plain')" in out
+  assert (
+    "epochs = 50" in out
+    and "seeds = (3, 4)" in out
+    and "models = ('resnet', 'plain', 'mlp')" in out
+  )
 
 
 def test_importing_the_library_does_not_import_the_experiments():
