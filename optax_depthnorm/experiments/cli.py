@@ -23,8 +23,10 @@ from typing import Any
 
 from optax_depthnorm.experiments import (
   bgn_table,
+  combinations,
   data,
   depth_decay,
+  depth_decay_nets,
   report,
   scale_norm,
   train,
@@ -32,7 +34,7 @@ from optax_depthnorm.experiments import (
 )
 
 EXPERIMENTS: dict[str, ModuleType] = {
-  m.NAME: m for m in (bgn_table, depth_decay, scale_norm, vgg_flow)
+  m.NAME: m for m in (bgn_table, combinations, depth_decay, depth_decay_nets, scale_norm, vgg_flow)
 }
 
 
