@@ -1,4 +1,4 @@
-"""`bgn-table`: seed 003's Table 1, deep MLPs with and without BatchNorm and BGN.
+"""`bgn-table`: Cabana & Lago-Fernández's Table 1, deep MLPs with and without BatchNorm, BGN.
 
 Dense nets of 30 to 120 hidden layers of 64 units, ReLU / sigmoid / tanh,
 with and without BatchNorm, with and without a BGN layer before every
@@ -22,9 +22,9 @@ from optax_depthnorm.experiments import models, report, train
 from optax_depthnorm.experiments.data import Dataset, split_for
 
 NAME = "bgn-table"
-TITLE = "BGN table: deep MLPs with and without BatchNorm and BGN (seed 003, Table 1)"
+TITLE = "BGN table: deep MLPs with and without BatchNorm and BGN (Cabana & Lago-Fernández)"
 
-# Seed 003, Table 1 (MNIST, 15 runs of 20 epochs): mean, std per depth 30/60/90/120.
+# Cabana & Lago-Fernández, Table 1 (MNIST, 15 runs of 20 epochs): mean, std per depth 30/60/90/120.
 PAPER = {
   ("relu", False, False): [(0.948, 0.006), (0.729, 0.319), (0.114, 0.000), (0.114, 0.000)],
   ("relu", False, True): [(0.949, 0.007), (0.890, 0.098), (0.901, 0.039), (0.858, 0.045)],
@@ -40,7 +40,7 @@ PAPER = {
   ("tanh", True, True): [(0.964, 0.002), (0.953, 0.002), (0.917, 0.009), (0.758, 0.126)],
 }
 PAPER_DEPTHS = (30, 60, 90, 120)
-# Seed 003, sec. 5: 20-epoch training times, 90 layers, ReLU.
+# Cabana & Lago-Fernández, sec. 5: 20-epoch training times, 90 layers, ReLU.
 PAPER_TIMES = {"plain": 40.00, "bgn": 50.83, "bn": 118.00, "bn+bgn": 127.78}
 
 
@@ -266,7 +266,8 @@ def run(cfg: Config, dataset: Dataset, writer: report.Writer, *, quiet: bool = F
     "cells": cells,
     "tables": tables(cells, cfg),
     "paper": {
-      "source": "seed 003, Table 1 (MNIST, 15 runs x 20 epochs, Adam, 19 LRs in [1e-4, 1e-2])",
+      "source": "Cabana & Lago-Fernández, Table 1 (MNIST, 15 runs x 20 epochs, Adam, "
+      "19 LRs in [1e-4, 1e-2])",
       "times_90_relu_s": PAPER_TIMES,
     },
   }

@@ -1,16 +1,16 @@
 """`combinations`: the combinations none of the seed papers ran, on deep ReLU MLPs.
 
-Dense nets of hidden ReLU layers of `width` units (seed 003's `models.DeepMLP`)
-on flattened 784-pixel images, in three parts:
+Dense nets of hidden ReLU layers of `width` units (`models.DeepMLP`, Cabana &
+Lago-Fernández's net) on flattened 784-pixel images, in three parts:
 
-1. BGN (seed 003) with depth decay (seed 000): the BGN net and the plain net
-   with Adam alone, with ``depth_decay(gamma, reverse=True)`` after Adam
+1. BGN (Cabana & Lago-Fernández) with depth decay (Kwiatkowski & Chang): the BGN
+   net and the plain net with Adam alone, with ``depth_decay(gamma, reverse=True)`` after Adam
    (layer-wise LR decay, the head at the full rate) and with it forward.
 2. BGN against ``layerwise_normalize(group="layer")`` (Yu et al.), plain SGD:
    (a) BGN net + SGD, (b) plain net + layerwise_normalize + SGD, (c) plain
-   net + SGD. By seed 003's eq. 9 (a) and (b) both rescale each layer's plain
+   net + SGD. By BGN's eq. 9 (a) and (b) both rescale each layer's plain
    gradient by one scalar; the per-epoch gap and a verdict say how alike.
-3. ``scale_normalize("probe")`` (seed 004) after SGD, against SGD and Adam.
+3. ``scale_normalize("probe")`` (Lo, Amaral & Ding) after SGD, against SGD and Adam.
 
 Every variant sweeps its own learning rates; the best mean *validation*
 accuracy picks one, reported as mean ± std *test* accuracy over seeds. Runs
@@ -352,11 +352,11 @@ def run(cfg: Config, dataset: Dataset, writer: report.Writer, *, quiet: bool = F
     f"depth_decay: factor exp(-gamma d / d_max), gamma {cfg.gamma:g}, d from the input "
     "(forward) or from the head (reverse), placed after Adam: a per-layer learning rate",
     "part 2: (a) and (b) both rescale each layer's plain gradient (kernel and bias together) "
-    "by one scalar, but not by the same one: BGN (seed 003, eq. 9) multiplies hidden layer "
-    "K's by the product over the BGN layers j >= K of kappa / ||g_j|| (g_j the gradient "
-    "arriving at BGN j, kappa = sqrt(width)): its backpropagated delta_K gets norm kappa, so "
-    "||grad W_K|| ~ kappa ||x_K||, summed over the batch (hence its far smaller best lr), and "
-    "the head's gradient is left as it is; layerwise_normalize divides every layer's "
+    "by one scalar, but not by the same one: BGN (Cabana & Lago-Fernández, eq. 9) multiplies "
+    "hidden layer K's by the product over the BGN layers j >= K of kappa / ||g_j|| (g_j the "
+    "gradient arriving at BGN j, kappa = sqrt(width)): its backpropagated delta_K gets norm "
+    "kappa, so ||grad W_K|| ~ kappa ||x_K||, summed over the batch (hence its far smaller "
+    "best lr), and the head's gradient is left as it is; layerwise_normalize divides every layer's "
     "gradient, head included, by its own norm ||g_l|| (times N = 1): every layer steps by "
     "exactly lr whatever its inputs' scale",
     f"parts 2 and 3 run at {cfg.sgd_depth} and {cfg.scale_depth} layers: in a 300-step probe "

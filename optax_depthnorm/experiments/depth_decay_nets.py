@@ -1,4 +1,4 @@
-"""`depth-decay-nets`: seed 000's DenseNet and LSTM claims, each variant with its own LR sweep.
+"""`depth-decay-nets`: Kwiatkowski & Chang's DenseNet and LSTM claims, an LR sweep per variant.
 
 A small DenseNet (three dense blocks of BN-ReLU-Conv3x3 layers, 1x1-conv +
 average-pool transitions) on 2x2-pooled Fashion-MNIST, and a stacked LSTM

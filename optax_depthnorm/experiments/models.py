@@ -51,7 +51,7 @@ class _DenseBlock(nn.Module):
 
 
 class DeepMLP(nn.Module):
-  """`depth` hidden Dense layers of `width` units (seed 003, sec. 4).
+  """`depth` hidden Dense layers of `width` units (Cabana & Lago-Fernández, sec. 4).
 
   Each hidden layer is Dense -> [BatchNorm] -> [BGN] -> activation: BN on the
   pre-activation, BGN "just before every activation function". The 2nd to
@@ -95,7 +95,7 @@ class DeepMLP(nn.Module):
 
 
 class MLP(nn.Module):
-  """A plain ReLU MLP, e.g. 784-100-100-100-10 (seed 004), with a chosen kernel init.
+  """A plain ReLU MLP, e.g. 784-100-100-100-10 (Lo, Amaral & Ding), with a chosen kernel init.
 
   Attributes:
     widths: hidden widths.

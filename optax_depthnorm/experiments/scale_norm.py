@@ -1,4 +1,4 @@
-"""`scale-norm`: seed 004, scale and determinant normalization of a ReLU MLP.
+"""`scale-norm`: Lo, Amaral & Ding, scale and determinant normalization of a ReLU MLP.
 
 A 784-100-100-100-10 ReLU MLP trained with plain SGD, batch 100, five ways:
 Glorot init, orthonormal init, determinant normalization (eq. 1, via
@@ -22,7 +22,7 @@ from optax_depthnorm.experiments import models, report, train
 from optax_depthnorm.experiments.data import Dataset, split_for
 
 NAME = "scale-norm"
-TITLE = "Scale normalization: 784-100-100-100-10 ReLU MLP with SGD (seed 004, figs. 1-3)"
+TITLE = "Scale normalization: 784-100-100-100-10 ReLU MLP with SGD (Lo, Amaral & Ding, figs. 1-3)"
 METHODS = ("glorot", "orthonormal", "determinant", "scale", "scale-1")
 LABELS = {
   "glorot": "Glorot init",

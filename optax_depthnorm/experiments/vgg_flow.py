@@ -1,4 +1,4 @@
-"""`vgg-flow`: seed 002, gradient flow in VGG08 / VGG38 and its fixes.
+"""`vgg-flow`: the vanishing-gradient report, gradient flow in VGG08 / VGG38 and its fixes.
 
 The report's course network (conv stages of `filters` channels with a
 reduction block between; VGG08: no processing blocks, VGG38: 5 per stage),
@@ -25,7 +25,9 @@ from optax_depthnorm.experiments import models, report, train
 from optax_depthnorm.experiments.data import Dataset, split_for
 
 NAME = "vgg-flow"
-TITLE = "Gradient flow in VGG08 / VGG38 with BN, residual connections, BGN (seed 002)"
+TITLE = (
+  "Gradient flow in VGG08 / VGG38 with BN, residual connections, BGN (a vanishing-gradient report)"
+)
 # (variant, deep, bn, rc, bgn, layerwise_normalize): "deep" nets have `blocks`
 # processing blocks per stage (VGG38 with the defaults), the shallow one none (VGG08).
 VARIANTS = (
@@ -37,7 +39,8 @@ VARIANTS = (
   ("deep BGN", True, False, False, True, False),
   ("deep layerwise_normalize", True, False, False, False, True),
 )
-# Seed 002, Table 1 (CIFAR-100, 100 epochs): LR, params, train loss, train acc, val loss, val acc.
+# The vanishing-gradient report, Table 1 (CIFAR-100, 100 epochs): LR, params, train loss,
+# train acc, val loss, val acc.
 PAPER = {
   "VGG08": ("1e-3", "60 K", 1.74, 51.59, 1.95, 46.84),
   "VGG38": ("1e-3", "336 K", 4.61, 0.01, 4.61, 0.01),
