@@ -1,6 +1,6 @@
 """Train-step cost of BGN against plain, BatchNorm and BatchNorm + BGN.
 
-The network of seed 003 (Cabana & Lago-Fernández 2021): 90 Dense layers of 64
+The network of Cabana & Lago-Fernández (2021): 90 Dense layers of 64
 units with ReLU, 784 inputs (MNIST), 10 outputs, batch 128. One train step is
 forward, backward and an Adam update, jitted with params and state donated.
 Four variants of the hidden layer ``Dense -> [BatchNorm] -> [BGN] -> relu``:

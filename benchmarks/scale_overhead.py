@@ -3,7 +3,7 @@
 Times one jitted optimizer step, ``tx.update`` followed by ``optax.apply_updates``,
 with fixed random gradients (no forward or backward pass), on two trees:
 
-1. the paper's MLP (seed 004: 784-100-100-100-10, Flax ``nn.Dense`` kernels);
+1. the paper's MLP (Lo, Amaral & Ding: 784-100-100-100-10, Flax ``nn.Dense`` kernels);
 2. a ResNet-50-shaped tree (``transform_overhead.resnet50_params``: 53 conv
    kernels HWIO, read as (kh kw cin, cout) matrices, and the 2048 x 1000 head).
 
@@ -53,7 +53,7 @@ MLP_WIDTHS = (100, 100, 100, 10)
 
 
 class PaperMLP(nn.Module):
-  """The MLP of seed 004's experiments: 784 -> 100 -> 100 -> 100 -> 10, ReLU."""
+  """The MLP of Lo, Amaral & Ding's experiments: 784 -> 100 -> 100 -> 100 -> 10, ReLU."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

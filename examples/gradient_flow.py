@@ -1,12 +1,14 @@
 """Gradient flow of a deep sigmoid MLP: plain, with BGN, and with layerwise_normalize.
 
-Renders the seed-002-style picture (mean and max |gradient| per layer, log
-scale) for the same deep sigmoid MLP three ways: plain SGD, BGN before every
-sigmoid (seed 003) with SGD, and `layerwise_normalize` before SGD (seed 000):
+Renders the vanishing-gradient report's picture (mean and max |gradient| per
+layer, log scale) for the same deep sigmoid MLP three ways: plain SGD, BGN
+before every sigmoid (Cabana & Lago-Fernández) with SGD, and
+`layerwise_normalize` before SGD (Kwiatkowski & Chang):
 
   top row     at init: weight gradients per layer; pre-activation gradients
-              ||delta^(K)|| per layer (seed 003, fig. 1); weight gradients after
-              training (seed 003, fig. 2), as `track_gradient_flow` kept them.
+              ||delta^(K)|| per layer (Cabana & Lago-Fernández, fig. 1); weight
+              gradients after training (their fig. 2), as `track_gradient_flow`
+              kept them.
   bottom row  per-layer gradient norm over the training steps, one heat map per run.
 
 Data: two interleaved spirals in 2-D (1024 points, synthetic, no download).
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     "layerwise_normalize (update)": flow(normalized, params),
   }
   xent = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  deltas = {  # seed 003's ||delta^(K)||: no change to the model needed
+  deltas = {  # Cabana & Lago-Fernández's ||delta^(K)||: no change to the model needed
     name: jax.jit(lambda p, m=model: odn.activation_gradient_norms(m, p, x, loss_fn=xent))(
       {"params": params}
     )

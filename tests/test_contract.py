@@ -517,9 +517,10 @@ def test_no_recompilation_across_steps(entry, wrap):
 def test_state_survives_flax_serialization(entry, wrap):
   tx = entry.make() if wrap == "plain" else entry.inject()
   opt = entry.with_sgd(tx)
+  update = jax.jit(opt.update)  # one compile; eager dispatch of 7 steps is the slow part
 
   def step(params, state, i):
-    updates, state = opt.update(random_like(params, i), state, params)
+    updates, state = update(random_like(params, i), state, params)
     return optax.apply_updates(params, updates), state
 
   params0 = problem("linen").params
