@@ -50,30 +50,24 @@ def sums(x: jax.Array, keep: tuple[int, ...] = ()) -> Sums:
   against `x`. Unused fields cost nothing (XLA drops them).
   """
   axes = _axes(x, keep)
-  if jnp.issubdtype(x.dtype, jnp.complexfloating):
-    return _complex_sums(x, axes)
-  x = x.astype(_tree.acc_dtype(x.dtype))
-  # Separate plain reductions of `x`, each a kernel XLA:CPU hands to its fast
-  # reduction library; a |x| shared by two of them would be written out whole.
-  sq = jnp.sum(jnp.square(x), axis=axes, keepdims=True)
-  total_abs = jnp.sum(jnp.abs(x), axis=axes, keepdims=True)
-  top = jnp.maximum(
-    jnp.max(x, axis=axes, keepdims=True, initial=0),
-    -jnp.min(x, axis=axes, keepdims=True, initial=0),
-  )
+  total = lambda v: jnp.sum(v, axis=axes, keepdims=True)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):  # by the moduli: |x|^2 = re^2 + im^2
+    real = _tree.acc_dtype(x.dtype)
+    re, im = jnp.real(x).astype(real), jnp.imag(x).astype(real)
+    modulus = jnp.abs(x).astype(real)
+    sq, total_abs = total(jnp.square(re)) + total(jnp.square(im)), total(modulus)
+    top = jnp.max(modulus, axis=axes, keepdims=True, initial=0)
+  else:
+    x = x.astype(_tree.acc_dtype(x.dtype))
+    # Separate plain reductions of `x`, each a kernel XLA:CPU hands to its fast
+    # reduction library; a |x| shared by two of them would be written out whole.
+    sq, total_abs = total(jnp.square(x)), total(jnp.abs(x))
+    top = jnp.maximum(
+      jnp.max(x, axis=axes, keepdims=True, initial=0),
+      -jnp.min(x, axis=axes, keepdims=True, initial=0),
+    )
   size = math.prod(x.shape[i] for i in axes)
   return Sums(sq, total_abs, top, jnp.full_like(sq, size))
-
-
-def _complex_sums(x: jax.Array, axes: tuple[int, ...]) -> Sums:
-  """`Sums` of a complex `x` by its moduli: sum |x|^2 = sum re^2 + im^2, sum and max |x|."""
-  real = _tree.acc_dtype(x.dtype)
-  re, im = jnp.real(x).astype(real), jnp.imag(x).astype(real)
-  modulus = jnp.abs(x).astype(real)
-  total = lambda v: jnp.sum(v, axis=axes, keepdims=True)
-  sq = total(jnp.square(re)) + total(jnp.square(im))
-  top = jnp.max(modulus, axis=axes, keepdims=True, initial=0)
-  return Sums(sq, total(modulus), top, jnp.full_like(sq, math.prod(x.shape[i] for i in axes)))
 
 
 class _Blue(NamedTuple):
