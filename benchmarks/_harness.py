@@ -220,6 +220,21 @@ def report(
   return rows
 
 
+def measure(
+  makers: dict[str, Callable[[], Runner]], args: argparse.Namespace, facts: dict[str, Any]
+) -> dict[str, Any]:
+  """Compiles, alternates and reports every variant: rows, kernel counts, every round's times."""
+  runners = compile_all(makers, args.warmup)
+  times = alternate(runners, args.rounds, args.steps)
+  return {
+    "results": report(runners, times, facts),
+    "compile_s": {name: r.compile_s for name, r in runners.items()},
+    "stablehlo_ops": {name: r.hlo_ops for name, r in runners.items()},
+    "xla_kernels": {name: r.kernels for name, r in runners.items()},
+    "round_times_ms": {name: [1e3 * t for t in ts] for name, ts in times.items()},
+  }
+
+
 def run_all(
   makers: dict[str, Callable[[], Runner]],
   args: argparse.Namespace,
@@ -237,18 +252,11 @@ def run_all(
   Returns:
     The result: machine, setup, config, per-variant rows and every round's times.
   """
-  runners = compile_all(makers, args.warmup)
-  times = alternate(runners, args.rounds, args.steps)
-  rows = report(runners, times, facts)
   result = {
     "machine": facts,
     "setup": setup,
     "config": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},
-    "results": rows,
-    "compile_s": {name: r.compile_s for name, r in runners.items()},
-    "stablehlo_ops": {name: r.hlo_ops for name, r in runners.items()},
-    "xla_kernels": {name: r.kernels for name, r in runners.items()},
-    "round_times_ms": {name: [1e3 * t for t in ts] for name, ts in times.items()},
+    **measure(makers, args, facts),
   }
   if args.json is not None:
     args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -27,6 +27,8 @@ Run from the repository root::
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,7 +59,7 @@ def _group_cond(leaves: list[jax.Array], sq: list, in_range: list, groups: int =
   return out
 
 
-def _norms(kind: str, leaves: list[jax.Array], exps: jax.Array) -> list[jax.Array]:
+def _norms(kind: str, leaves: list[jax.Array], exps: jax.Array | None = None) -> list[jax.Array]:
   sq = [jnp.sum(jnp.square(x)) for x in leaves]
   fast = lambda: [jnp.sqrt(v) for v in sq]
   in_range = [(v >= LOWEST) & (v < jnp.inf) for v in sq]
@@ -78,6 +80,7 @@ def _norms(kind: str, leaves: list[jax.Array], exps: jax.Array) -> list[jax.Arra
     tops = [jnp.max(jnp.abs(x)) for x in leaves]
     return [jnp.where(ok, jnp.sqrt(v), m) for ok, v, m in zip(in_range, sq, tops)]
   if kind == "state_scale":
+    exps = jnp.zeros(len(leaves), jnp.int32) if exps is None else exps
     scales = [jnp.ldexp(jnp.float32(1), -e) for e in exps]
     return [jnp.sqrt(jnp.sum(jnp.square(x * c))) / c for x, c in zip(leaves, scales)]
   if kind == "max_first":
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None):
   original = transform_overhead.variants
   transform_overhead.variants = variants
   try:
-    return transform_overhead.main(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return transform_overhead.main(argv if "--variant" in argv else [*argv, "--variant", "all"])
   finally:
     transform_overhead.variants = original
 

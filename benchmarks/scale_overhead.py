@@ -37,12 +37,10 @@ import optax
 from _harness import (
   Runner,
   add_timing_args,
-  alternate,
   check_timing_args,
-  compile_all,
   machine_facts,
+  measure,
   print_machine,
-  report,
 )
 from transform_overhead import resnet50_params, tree_size
 
@@ -116,16 +114,7 @@ def time_tree(name: str, params: Any, args: argparse.Namespace, facts: dict) -> 
     variant: (lambda tx=tx: optimizer_runner(tx, params, grads, inputs))
     for variant, tx in variants().items()
   }
-  runners = compile_all(makers, args.warmup)
-  times = alternate(runners, args.rounds, args.steps)
-  rows = report(runners, times, facts)
-  return {
-    "params": n_params,
-    "leaves": n_leaves,
-    "results": rows,
-    "xla_kernels": {v: r.kernels for v, r in runners.items()},
-    "round_times_ms": {v: [1e3 * t for t in ts] for v, ts in times.items()},
-  }
+  return {"params": n_params, "leaves": n_leaves, **measure(makers, args, facts)}
 
 
 def side_by_side(trees: dict[str, dict[str, Any]]) -> str:

@@ -124,6 +124,57 @@ def resnet50_params(key: jax.Array, width_divisor: int = 1) -> Params:
   return params
 
 
+# --------------------------------------------------------------------------- #
+# A stacked transformer tree (``nn.scan`` style: every block leaf has a leading
+# layer axis).
+
+TRANSFORMER = {"layers": 24, "width": 512, "heads": 8, "mlp": 2048, "vocab": 8192}
+TRANSFORMER_STACK = {"Transformer/blocks": 0}  # the `stack_axis` of this tree
+
+
+def transformer_params(key: jax.Array, width_divisor: int = 1, layers: int | None = None) -> Params:
+  """Float32 params of a decoder-only transformer whose blocks are stacked on axis 0.
+
+  Args:
+    key: PRNG key for the kernels.
+    width_divisor: divide the width, MLP width and vocabulary by this.
+    layers: the number of blocks (default 24).
+
+  Returns:
+    ``{"embed", "Transformer": {"blocks": {...}}, "final_norm", "head"}`` in creation
+    order, each block leaf of shape ``(layers, ...)`` (``stack_axis`` `TRANSFORMER_STACK`):
+    pre-norm attention (query, key, value, out: ``(d, heads, d / heads)``) and a
+    two-layer MLP; 24 blocks of width 512: 84,005,888 parameters in 17 leaves.
+  """
+  c = TRANSFORMER
+  n = layers or c["layers"]
+  d, mlp, h = c["width"] // width_divisor, c["mlp"] // width_divisor, c["heads"]
+  vocab = c["vocab"] // width_divisor
+  keys = iter(jax.random.split(key, 8))
+  normal = lambda shape, fan_in: jax.random.normal(next(keys), shape, jnp.float32) / np.sqrt(fan_in)
+  norm = lambda: {"scale": jnp.ones((n, d), jnp.float32), "bias": jnp.zeros((n, d), jnp.float32)}
+  blocks = {
+    "LayerNorm_0": norm(),
+    "Attention_0": {
+      "query": {"kernel": normal((n, d, h, d // h), d)},
+      "key": {"kernel": normal((n, d, h, d // h), d)},
+      "value": {"kernel": normal((n, d, h, d // h), d)},
+      "out": {"kernel": normal((n, h, d // h, d), d)},
+    },
+    "LayerNorm_1": norm(),
+    "Mlp_0": {
+      "Dense_0": {"kernel": normal((n, d, mlp), d), "bias": jnp.zeros((n, mlp), jnp.float32)},
+      "Dense_1": {"kernel": normal((n, mlp, d), mlp), "bias": jnp.zeros((n, d), jnp.float32)},
+    },
+  }
+  return {
+    "embed": {"embedding": normal((vocab, d), 1)},
+    "Transformer": {"blocks": blocks},
+    "final_norm": {"scale": jnp.ones((d,), jnp.float32), "bias": jnp.zeros((d,), jnp.float32)},
+    "head": {"kernel": normal((d, vocab), d), "bias": jnp.zeros((vocab,), jnp.float32)},
+  }
+
+
 def tree_size(tree: Any) -> tuple[int, int]:
   """(number of parameters, number of leaves) of a pytree of arrays."""
   leaves = jax.tree_util.tree_leaves(tree)
@@ -134,14 +185,38 @@ def tree_size(tree: Any) -> tuple[int, int]:
 # Variants and the timed step.
 
 
-def variants() -> dict[str, Callable[[], optax.GradientTransformation]]:
-  """The optimizers compared, baseline first, by the name printed in the table."""
+DEFAULT_VARIANTS = (
+  "adam",
+  "layerwise_normalize+depth_decay+adam",
+  "track_gradient_flow+adam",
+  "lamb",
+  "clip_by_global_norm+adam",
+)
+
+
+def variants(stack_axis: Any = None) -> dict[str, Callable[[], optax.GradientTransformation]]:
+  """Every optimizer that can be compared, baseline first, by the name printed in the table.
+
+  `--variants` picks some (default: `DEFAULT_VARIANTS`); `stack_axis` is passed
+  to the transforms (the stacked transformer tree).
+  """
+  sa = {"stack_axis": stack_axis}
+  track = lambda **kw: optax.chain(odn.track_gradient_flow(**sa, **kw), optax.adam(1e-3))
   return {
     "adam": lambda: optax.adam(1e-3),
     "layerwise_normalize+depth_decay+adam": lambda: optax.chain(
-      odn.layerwise_normalize(), odn.depth_decay(0.01), optax.adam(1e-3)
+      odn.layerwise_normalize(**sa), odn.depth_decay(0.01, **sa), optax.adam(1e-3)
     ),
-    "track_gradient_flow+adam": lambda: optax.chain(odn.track_gradient_flow(), optax.adam(1e-3)),
+    "track_gradient_flow+adam": lambda: track(),
+    "track_gradient_flow(stats=norm)+adam": lambda: track(stats="norm"),
+    "track_gradient_flow(stats=norm|mean_abs|max_abs)+adam": lambda: track(
+      stats=("norm", "mean_abs", "max_abs")
+    ),
+    "track_gradient_flow(stats=all)+adam": lambda: track(stats="all"),
+    "track_gradient_flow(every_k_steps=10)+adam": lambda: track(every_k_steps=10),
+    "track_gradient_flow(stats=all, every_k_steps=10)+adam": lambda: track(
+      stats="all", every_k_steps=10
+    ),
     "lamb": lambda: optax.lamb(1e-3),
     "clip_by_global_norm+adam": lambda: optax.chain(
       optax.clip_by_global_norm(1.0), optax.adam(1e-3)
@@ -165,8 +240,31 @@ def optimizer_runner(tx: optax.GradientTransformation, params: Params, grads: Pa
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   add_timing_args(parser)
+  parser.add_argument(
+    "--tree",
+    choices=("resnet50", "transformer"),
+    default="resnet50",
+    help="the parameter tree: ResNet-50's shapes, or a stacked 24-block transformer",
+  )
+  parser.add_argument(
+    "--variant",
+    action="append",
+    dest="variants",
+    metavar="NAME",
+    help="a variant to time (repeat for several; the baseline, adam, always runs first); "
+    f"'all' for every one; default: {'; '.join(DEFAULT_VARIANTS)}",
+  )
   args = parser.parse_args(argv)
   check_timing_args(parser, args)
+  known = list(variants())
+  if args.variants is None or "all" in args.variants:
+    chosen = list(DEFAULT_VARIANTS if args.variants is None else known)
+  else:
+    chosen = args.variants
+    bad = [v for v in chosen if v not in known]
+    if bad:
+      parser.error(f"unknown variant {bad[0]!r}; known: {'; '.join(known)}")
+  args.variants = ["adam", *(v for v in chosen if v != "adam")]
   return args
 
 
@@ -177,7 +275,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   print_machine(facts)
 
   key_params, key_grads = jax.random.split(jax.random.key(args.seed))
-  params = resnet50_params(key_params, width_divisor)
+  stack_axis = None
+  if args.tree == "transformer":
+    params, stack_axis = transformer_params(key_params, width_divisor), TRANSFORMER_STACK
+  else:
+    params = resnet50_params(key_params, width_divisor)
   leaves, treedef = jax.tree_util.tree_flatten(params)
   grad_keys = jax.random.split(key_grads, len(leaves))
   grads = jax.tree_util.tree_unflatten(
@@ -185,19 +287,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     [1e-2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(grad_keys, leaves)],
   )
   n_params, n_leaves = tree_size(params)
-  size = "ResNet-50" if width_divisor == 1 else f"ResNet-50, widths / {width_divisor}"
+  size = "ResNet-50" if args.tree == "resnet50" else "stacked transformer (24 blocks)"
+  size += "" if width_divisor == 1 else f", widths / {width_divisor}"
   print(f"\n## Tree: {size}: {n_params:,} params in {n_leaves} leaves (float32)")
   print(
     f"Method: compile all, {args.warmup} warm-up steps each, then {args.rounds} rounds "
     f"alternating the variants, {args.steps} consecutive steps per variant per round.\n"
   )
+  known = variants(stack_axis) if stack_axis is not None else variants()
   makers = {
-    name: (lambda make=make: optimizer_runner(make(), params, grads))
-    for name, make in variants().items()
+    name: (lambda make=known[name]: optimizer_runner(make(), params, grads))
+    for name in args.variants
+    if name in known
   }
-  return run_all(
-    makers, args, facts, {"width_divisor": width_divisor, "params": n_params, "leaves": n_leaves}
-  )
+  setup = {
+    "tree": args.tree,
+    "width_divisor": width_divisor,
+    "params": n_params,
+    "leaves": n_leaves,
+  }
+  return run_all(makers, args, facts, setup)
 
 
 if __name__ == "__main__":

@@ -109,12 +109,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   plain, with_bgn = MLP(args.depth, args.width), MLP(args.depth, args.width, bgn=True)
   params = jax.jit(plain.init)(jax.random.key(args.seed), x[:1])["params"]  # shared by all runs
   sgd = lambda: optax.sgd(args.lr, momentum=0.9)
+  track = lambda: odn.track_gradient_flow(stats=("norm", "mean_abs", "max_abs"))  # plotted below
   runs = {
-    "plain": (plain, optax.chain(odn.track_gradient_flow(), sgd())),
-    "BGN": (with_bgn, optax.chain(odn.track_gradient_flow(), sgd())),
+    "plain": (plain, optax.chain(track(), sgd())),
+    "BGN": (with_bgn, optax.chain(track(), sgd())),
     "layerwise_normalize": (
       plain,
-      optax.chain(odn.track_gradient_flow(), odn.layerwise_normalize(), sgd()),
+      optax.chain(track(), odn.layerwise_normalize(), sgd()),
     ),
   }
 

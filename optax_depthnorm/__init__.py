@@ -12,7 +12,7 @@ from optax_depthnorm._depths import (
 from optax_depthnorm._diagnose import Flag, diagnose
 from optax_depthnorm._infer import UnusedParamWarning, infer_depths
 from optax_depthnorm._normalize import LayerwiseNormalizeState, layerwise_normalize
-from optax_depthnorm._plot import plot_flow_heatmap, plot_gradient_flow
+from optax_depthnorm._plot import flow_heatmap_image, plot_flow_heatmap, plot_gradient_flow
 from optax_depthnorm._report import FlowReport, gradient_flow
 from optax_depthnorm._scale import ScaleNormalizeState, scale_normalize
 from optax_depthnorm._table import depth_table
@@ -46,6 +46,7 @@ __all__ = (
   "depth_table",
   "diagnose",
   "flow_from_state",
+  "flow_heatmap_image",
   "gradient_flow",
   "infer_depths",
   "layer_depths",

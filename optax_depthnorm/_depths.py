@@ -178,7 +178,7 @@ def layer_depths(
   - siblings in sorted order (``jax.jit``, ``jax.grad``, ``jax.eval_shape``,
     an ``nnx.State``) are ordered by their running numbers where those decide
     (``Dense_2 < Dense_10``, list items); where they do not (``encoder``,
-    ``head``) depths follow sorted names and a :class:`DepthOrderWarning`
+    ``head``) depths follow sorted names and a `DepthOrderWarning`
     names the siblings and the fix.
 
   ``nn.Sequential`` names ``layers_0, layers_2`` get depths 0, 1. Leaves that

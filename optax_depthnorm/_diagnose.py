@@ -229,6 +229,13 @@ def diagnose(
   step = _check_report(report)
   _check_thresholds(stat, thresholds)
   values, max_abs = _concrete(report, stat), _concrete(report, "max_abs")
+  if stat not in report._recorded():
+    raise ValueError(
+      f"the report holds no {stat!r} (all NaN); compare a statistic it holds, or record it: "
+      f"`track_gradient_flow(stats=({stat!r},))`."
+    )
+  if "max_abs" not in report._recorded():  # a tracker without it: the norm tells the same
+    max_abs = _concrete(report, "norm")  # (0 only for zeros, inf or nan with any inf or nan)
   flags = []
   for i in range(len(values)):
     if report.sizes[i] == 0:

@@ -141,7 +141,7 @@ def plot_gradient_flow(
 ) -> Any:
   """Plots per-layer gradient statistics against depth on a log scale.
 
-  The seed-002 picture: mean |g| (solid) and max |g| (dashed) of each layer,
+  The vanishing-gradient report's picture: mean |g| (solid) and max |g| (dashed) of each layer,
   input on the left, one colour per run, several runs overlaid with a legend
   (e.g. plain vs BN vs BGN). Zeros (dead layers) cannot show on a log scale and
   leave gaps. The x axis names the layers when there are at most `max_named`
@@ -184,8 +184,11 @@ def plot_gradient_flow(
     x = np.asarray(report.depths)
     for stat in stats:
       y = getattr(report, stat)
-      if y is None:
-        raise ValueError(f"{label or 'the report'} has no {stat!r}: pass params to gradient_flow.")
+      if y is None or stat not in report._recorded():
+        raise ValueError(
+          f"{label or 'the report'} has no {stat!r}: pass params to gradient_flow, or record "
+          f"it with `track_gradient_flow(stats=...)` (its default records norm and rms)."
+        )
       y = np.asarray(y, np.float64)
       name = STAT_LABELS[stat] if label is None else f"{label}: {STAT_LABELS[stat]}"
       ax.plot(x, np.where(y > 0, y, np.nan), _STYLES.get(stat, ":"), color=f"C{k % 10}", label=name)
@@ -310,3 +313,66 @@ def plot_flow_heatmap(
   if title is not None:
     ax.set_title(title)
   return ax
+
+
+def flow_heatmap_image(
+  source: Any,
+  *,
+  stat: str = "norm",
+  params: Any = None,
+  depths: Any = None,
+  title: str | None = None,
+  size: tuple[float, float] = (8.0, 4.5),
+  dpi: int = 80,
+  vmin: float | None = None,
+  vmax: float | None = None,
+) -> np.ndarray:
+  """The heat map of `plot_flow_heatmap` as an RGB image array, for an image summary.
+
+  Drawn off screen on its own matplotlib figure (the Agg canvas; pyplot's
+  state is not touched), so it works in a training loop without a display:
+  ``writer.add_image("grad_flow", image, step, dataformats="HWC")``
+  (tensorboardX), ``wandb.Image(image)``, CLU's ``write_images`` (add a
+  leading batch axis).
+
+  Args:
+    source: what `plot_flow_heatmap` takes: a `FlowReport` of shape
+      ``(steps, n_layers)``, a list of one-step reports, or an optimizer state
+      holding a `track_gradient_flow`.
+    stat: which statistic, see `plot_gradient_flow`.
+    params: with an optimizer state: a tree with the params' paths, to name the layers.
+    depths: with an optimizer state: the tracker's `depths`.
+    title: the title over the heat map.
+    size: the figure's (width, height) in inches.
+    dpi: dots per inch: the image is ``size * dpi`` pixels.
+    vmin: the log10 value at the bottom of the colour scale, see `plot_flow_heatmap`.
+    vmax: the log10 value at the top of the colour scale.
+
+  Returns:
+    A ``uint8`` array of shape ``(height, width, 3)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_depthnorm as odn
+    >>> params = {"Dense_0": {"w": jnp.ones(2)}, "Dense_1": {"w": jnp.ones(2)}}
+    >>> opt = optax.chain(odn.track_gradient_flow(history=8), optax.sgd(0.1))
+    >>> state = opt.init(params)
+    >>> for _ in range(3):
+    ...   _, state = opt.update(params, state, params)
+    >>> image = odn.flow_heatmap_image(state, params=params, size=(4, 3), dpi=50)
+    >>> image.shape, image.dtype
+    ((150, 200, 3), dtype('uint8'))
+  """
+  _pyplot()  # the install hint, if matplotlib is missing
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  figure = Figure(figsize=size, dpi=dpi, layout="constrained")
+  canvas = FigureCanvasAgg(figure)
+  ax = figure.add_subplot()
+  plot_flow_heatmap(
+    source, ax, stat=stat, params=params, depths=depths, title=title, vmin=vmin, vmax=vmax
+  )
+  canvas.draw()
+  return np.array(canvas.buffer_rgba())[..., :3]

@@ -93,10 +93,7 @@ class FlowReport:
       ("path", list(self.paths)),
       ("size", [str(s) if s >= 0 else "-" for s in self.sizes]),
     ]
-    fields = ["norm", "mean_abs", "max_abs", "rms"]
-    if self.param_norm is not None and not np.all(np.isnan(np.asarray(self.param_norm))):
-      fields += ["param_norm", "ratio"]
-    for field in fields:
+    for field in self._recorded():
       values = np.asarray(getattr(self, field), np.float64)
       columns.append((_HEADERS[field], [f"{v:.3e}" for v in values]))
     rows = list(zip(*(values for _, values in columns)))
@@ -110,6 +107,73 @@ class FlowReport:
       return self.table()
     except (TypeError, ValueError):
       return repr(self)
+
+  def _recorded(self) -> list[str]:
+    """The statistics the report holds, in `STATS` order.
+
+    ``norm`` and ``rms`` always; the others unless None or all NaN (not
+    recorded: no params, or a tracker built with fewer ``stats``).
+    """
+    out = ["norm"]
+    for field in STATS[1:]:
+      v = getattr(self, field)
+      if field == "rms" or (v is not None and not _all_nan(v, empty=field in STATS[4:])):
+        out.append(field)
+    return out
+
+  def scalars(self, prefix: str = "grad_flow") -> dict[str, float]:
+    """The report as a flat dict of floats, one entry per layer and statistic.
+
+    The form ``wandb.log``, CLU's ``metric_writers`` (``write_scalars``) and
+    tensorboardX's ``add_scalar`` take: keys ``"<prefix>/<layer>/<stat>"``
+    (``"grad_flow/Dense_0/norm"``), statistics as `FlowReport` names them, in
+    depth order. Statistics the report does not hold (``param_norm`` and
+    ``ratio`` without params, those a tracker was not asked for) are left
+    out; a NaN or inf of a recorded statistic stays (it shows the problem).
+    Layers of the same name (a layer called twice) get ``@<depth>``.
+
+    Args:
+      prefix: the first part of every key; ``""`` for keys ``"<layer>/<stat>"``.
+
+    Returns:
+      A dict from key to Python float (needs concrete values: call it outside
+      `jit`, on a report of one step).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax_depthnorm as odn
+      >>> grads = {"Dense_0": {"w": jnp.array([3.0, -4.0])}, "Dense_1": {"w": jnp.ones(4)}}
+      >>> scalars = odn.gradient_flow(grads).scalars()
+      >>> scalars["grad_flow/Dense_0/norm"], scalars["grad_flow/Dense_1/rms"]
+      (5.0, 1.0)
+      >>> sorted(odn.gradient_flow(grads).scalars(prefix=""))[:4]
+      ['Dense_0/max_abs', 'Dense_0/mean_abs', 'Dense_0/norm', 'Dense_0/rms']
+    """
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(self)):
+      raise TypeError(TRACED_MSG.format(what="FlowReport.scalars()"))
+    if np.ndim(self.norm) != 1:
+      raise ValueError(
+        f"scalars() logs one step, but this report holds arrays of shape "
+        f"{np.shape(self.norm)} (stacked steps); pick one first: "
+        "`jax.tree.map(lambda x: x[-1], report)`."
+      )
+    if not isinstance(prefix, str):
+      raise TypeError(f"prefix must be a str, got {type(prefix).__name__}.")
+    counts: dict[str, int] = {}
+    for path in self.paths:
+      counts[path] = counts.get(path, 0) + 1
+    names = [p if counts[p] == 1 else f"{p}@{d}" for p, d in zip(self.paths, self.depths)]
+    head = f"{prefix.rstrip('/')}/" if prefix else ""
+    fields = self._recorded()
+    values = {f: np.asarray(getattr(self, f), np.float64) for f in fields}
+    rows = enumerate(names)
+    return {f"{head}{name}/{f}": float(values[f][i]) for i, name in rows for f in fields}
+
+
+def _all_nan(values: Any, empty: bool) -> bool:
+  """Whether every value is NaN (`empty`: what an empty array counts as)."""
+  values = np.asarray(values)
+  return empty if values.size == 0 else bool(np.all(np.isnan(values)))
 
 
 _HEADERS = {
@@ -180,11 +244,17 @@ def _float_dtype(leaves: Sequence[Any]) -> Any:
   return _tree.acc_dtype(*(x.dtype for x in leaves if _tree.is_float_leaf(x)))
 
 
-def layer_stats(tree: Any, stored: Any, ids: Any, n: int) -> tuple[_reduce.Sums, jax.Array]:
-  """`_reduce.Sums` and safe L2 norms of the `n` rows of `tree` (depths by path, ids per slice)."""
+def layer_stats(
+  tree: Any, stored: Any, ids: Any, n: int, exact_zero: bool = True
+) -> tuple[_reduce.Sums, jax.Array]:
+  """`_reduce.Sums` and safe L2 norms of the `n` rows of `tree` (depths by path, ids per slice).
+
+  `exact_zero`: see `_reduce.l2` (False reads only the sums of squares when the
+  max |x| and sum |x| are not used).
+  """
   leaves, _, found = _layers.read(tree, stored)
   xs = [leaves[f.index] for f in found]
-  return _layers.layer_stats(xs, found, jnp.asarray(ids), n, exact_zero=True)
+  return _layers.layer_stats(xs, found, jnp.asarray(ids), n, exact_zero=exact_zero)
 
 
 def stats(totals: _reduce.Sums, norm: jax.Array) -> list[jax.Array]:

@@ -172,14 +172,14 @@ def scale_normalize(
     mean is over directions uniform on the sphere, E ||W^T x|| / ||x||.
   - ``"determinant"``: ``c`` is the geometric mean of the singular values, so
     the pseudo-determinant (their product) becomes 1. Eq. (1) literally divides
-    by det(W*) itself, which gives pdet(W*)^(1 - k): 1 only for k = 1; dividing
+    by ``det(W*)`` itself, which gives ``pdet(W*)^(1 - k)``: 1 only for k = 1; dividing
     by pdet^(1/k) is what sets it to 1, and is the paper's own "sets the
     geometric mean of the scales to one". It is taken in log space, so it does
     not underflow where the product of many singular values below 1 does (the
     failure sec. 3.2 reports), from a QR factorization instead of an SVD:
     ``prod |diag R| = prod sigma_i``, about 2 fan_in fan_out r + r^3 / 3
     flops (r = min(fan_in, fan_out); QR and a triangular inverse that bounds
-    the condition number), backward stable on W* itself (the Gram matrix's
+    the condition number), backward stable on ``W*`` itself (the Gram matrix's
     Cholesky would be cheaper but squares the condition number and fails in
     float32 near cond 1e4). Only where that bound cannot rule out singular
     values below numpy's rank tolerance (max(fan_in, fan_out) eps sigma_max)
@@ -346,24 +346,27 @@ def scale_normalize(
     if mode == "probe":
       new_key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
       new_key = jax.random.key_data(new_key)
-    mats, xs = [], []
-    for i, name, layer, axes, w, stack, _ in found:
-      dtype = _tree.acc_dtype(leaves[i].dtype, w.dtype)
-      new = w.astype(dtype) + leaves[i].astype(dtype)  # W*
-      if stack is None:
-        mats.append(_matrices.as_matrix(new, axes))
-      else:  # one (fan_in, fan_out) matrix per slice: (L, fan_in, fan_out)
-        mats.append(
-          jax.vmap(lambda m, axes=axes: _matrices.as_matrix(m, axes))(jnp.moveaxis(new, stack, 0))
-        )
-      fan_in, lead = mats[-1].shape[-2], mats[-1].shape[:-2]
-      if mode == "data":
-        xs.append(
-          _matrices.inputs_for(inputs, name, layer, fan_in, dtype, lead[0] if lead else None)
-        )
-      elif mode == "probe":
-        shape = (*lead, num_probes, fan_in)
-        xs.append(jax.random.normal(_path_key(step_key, name), shape, dtype))
+
+    def matrices() -> tuple[list[jax.Array], list[Any]]:
+      """W* of each weight as (fan_in, fan_out) matrices, and its inputs or probes."""
+      mats, xs = [], []
+      for i, name, layer, axes, w, stack, _ in found:
+        dtype = _tree.acc_dtype(leaves[i].dtype, w.dtype)
+        new = w.astype(dtype) + leaves[i].astype(dtype)  # W*
+        if stack is None:
+          mats.append(_matrices.as_matrix(new, axes))
+        else:  # one (fan_in, fan_out) matrix per slice: (L, fan_in, fan_out)
+          as_matrix = lambda m, axes=axes: _matrices.as_matrix(m, axes)
+          mats.append(jax.vmap(as_matrix)(jnp.moveaxis(new, stack, 0)))
+        fan_in, lead = mats[-1].shape[-2], mats[-1].shape[:-2]
+        if mode == "data":
+          xs.append(
+            _matrices.inputs_for(inputs, name, layer, fan_in, dtype, lead[0] if lead else None)
+          )
+        elif mode == "probe":
+          shape = (*lead, num_probes, fan_in)
+          xs.append(jax.random.normal(_path_key(step_key, name), shape, dtype))
+      return mats, xs
 
     def scale(m: jax.Array, x: Any) -> jax.Array:
       fn = _matrices.determinant_scale if mode == "determinant" else _matrices.mean_scale
@@ -371,13 +374,20 @@ def scale_normalize(
       return fn(*args) if m.ndim == 2 else jax.vmap(fn)(*args)
 
     def scales() -> list[jax.Array]:
+      # Built here, so that a skipped step (inside `lax.cond`) builds no matrix or probe.
+      mats, xs = matrices()
       return [scale(m, x) for m, x in zip(mats, xs or [None] * len(mats))]
 
+    def ones() -> list[jax.Array]:
+      """The scales of a skipped step: 1 for each weight (each slice of a stacked one)."""
+      out = []
+      for i, _, _, _, w, stack, _ in found:
+        lead = () if stack is None else (leaves[i].shape[stack],)
+        out.append(jnp.ones(lead, _tree.acc_dtype(leaves[i].dtype, w.dtype)))
+      return out
+
     active = _active(state.count, every_k_steps, first_n_steps)
-    if active is None:
-      cs = scales()
-    else:
-      cs = jax.lax.cond(active, scales, lambda: [jnp.ones(m.shape[:-2], m.dtype) for m in mats])
+    cs = scales() if active is None else jax.lax.cond(active, scales, ones)
     for (i, _, _, _, w, _, depth), c in zip(found, cs):
       keep = c <= jnp.asarray(eps).astype(c.dtype)
       s = jnp.where(keep, 1, 1 / jnp.where(keep, 1, c))

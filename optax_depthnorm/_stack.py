@@ -18,6 +18,12 @@ from optax_depthnorm import _tree
 
 StackAxis = Union[None, Mapping[str, int], Callable[[str, Any], Union[int, None]]]
 NOT_A_LAYER = -1
+"""The depth of a leaf that belongs to no layer: every transform passes it through unchanged.
+
+`layer_depths` gives it to leaves that are not parameters (an integer counter, say) and
+`infer_depths` to parameters the model never uses (with an `UnusedParamWarning`); a depth
+mapping or rule may return it to leave a leaf out.
+"""
 
 
 def as_index(x: Any) -> int | None:

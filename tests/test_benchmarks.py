@@ -68,3 +68,44 @@ def test_norm_check_cost_times_every_way_and_they_agree(bench):
     np.testing.assert_allclose(module._norms(kind, leaves), plain, rtol=1e-5)
   tiny = [jnp.full((3,), 1e-25, jnp.float32)]
   np.testing.assert_allclose(module._norms("global_cond", tiny), [np.sqrt(3) * 1e-25], rtol=1e-5)
+
+
+def test_transform_overhead_picks_variants_and_the_transformer_tree(bench):
+  module = bench("transform_overhead")
+  args = module.parse_args(["--variant", "track_gradient_flow(every_k_steps=10)+adam"])
+  assert args.variants == ["adam", "track_gradient_flow(every_k_steps=10)+adam"]
+  assert module.parse_args(["--variant", "all"]).variants == list(module.variants())
+  with pytest.raises(SystemExit):
+    module.parse_args(["--variant", "nope"])
+  params = module.transformer_params(__import__("jax").random.key(0), width_divisor=8, layers=2)
+  assert params["Transformer"]["blocks"]["Mlp_0"]["Dense_0"]["kernel"].shape == (2, 64, 256)
+  result = module.main([*TINY, "--tree", "transformer", "--variant", "track_gradient_flow+adam"])
+  assert [r["variant"] for r in result["results"]] == ["adam", "track_gradient_flow+adam"]
+  assert result["setup"]["tree"] == "transformer"
+
+
+def test_scale_train_step_times_every_variant_on_both_networks(bench, capsys):
+  result = bench("scale_train_step").main(TINY)
+  assert list(result["networks"]) == ["MLP 784-100-100-100-10", "small CNN"]
+  for network in result["networks"].values():
+    names = [r["variant"] for r in network["results"]]
+    assert names[0] == "sgd" and "determinant(every_k_steps=10)" in names
+  assert "| data | <= 1.15x |" in capsys.readouterr().out
+
+
+def test_device_suite_plans_every_benchmark_and_writes_its_tables(bench, tmp_path, capsys):
+  module = bench("device_suite")
+  plan = module.main(["--out", str(tmp_path), "--dry-run"])["plan"]
+  assert [p[1] for p in plan] == [m for _, m, _ in module.PLAN]
+  assert not any("--quick" in p[2] for p in plan)  # full size by default
+  quick = module.plan(True, None)
+  assert all("--quick" in argv for _, _, argv in quick)
+  with pytest.raises(SystemExit):
+    module.parse_args(["--dry-run"])  # --out is required
+  summary = module.main(["--out", str(tmp_path), "--quick", "--only", "bgn_overhead"])
+  assert [r["status"] for r in summary["runs"]] == ["ok"]
+  assert "| plain |" in (tmp_path / "bgn_overhead.md").read_text()
+  assert (tmp_path / "bgn_overhead.json").stat().st_size > 0
+  assert "bgn_overhead" in (tmp_path / "summary.md").read_text()
+  skipped = module.run(tmp_path / "b", module.plan(True, ["infer_time"]), budget_s=-1)
+  assert skipped["runs"][0]["status"].startswith("skipped")

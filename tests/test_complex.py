@@ -76,7 +76,7 @@ def test_depth_decay_scales_complex_leaves_by_real_factors():
 def test_gradient_flow_and_tracker_measure_complex_layers():
   grads, params = _tree(), _tree(3.0)
   report = odn.gradient_flow(grads, params)
-  _, state = _apply(odn.track_gradient_flow(), grads, params)
+  _, state = _apply(odn.track_gradient_flow(stats="all"), grads, params)
   for i, k in enumerate(grads):
     g = np.concatenate([grads[k][n].astype(np.complex128).ravel() for n in grads[k]])
     w = np.concatenate([params[k][n].astype(np.complex128).ravel() for n in grads[k]])

@@ -99,7 +99,11 @@ _ENTRIES = [
   Entry("decay_schedule", odn.depth_decay, {"gamma": optax.linear_schedule(0.0, 0.5, 10)}),
   Entry("depth_normalized", odn.depth_normalized, {"gamma": 0.01}, {"gamma": 0.5}),
   # Passes updates unchanged; `history` is a shape, not an injectable hyperparameter.
-  Entry("track_flow", lambda depths=None: odn.track_gradient_flow(history=3, depths=depths), {}),
+  Entry(
+    "track_flow",
+    lambda depths=None: odn.track_gradient_flow(history=3, depths=depths, stats="all"),
+    {},
+  ),
   Entry(
     "scale_det", _partial(odn.scale_normalize, "determinant"), {"eps": 1e-8}, {"eps": 1e3}, True
   ),

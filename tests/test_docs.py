@@ -8,6 +8,7 @@ import inspect
 import json
 import pathlib
 import re
+import sys
 
 import pytest
 
@@ -35,11 +36,51 @@ def test_public_name_has_a_runnable_example(name, obj):
   assert re.search(r"^\s+>>> \S", match.group(1), re.M), f"{name}: its Example has no >>> line"
 
 
-def test_api_page_renders_all_public_names():
-  """The API page renders `optax_depthnorm` filtered by `__all__`, and the nnx module."""
-  text = (ROOT / "docs" / "api.md").read_text()
-  assert re.search(r"^::: optax_depthnorm\n\s+options:(.|\n)*filters: public", text, re.M)
-  assert "::: optax_depthnorm.nnx" in text
+API_PAGES = sorted((ROOT / "docs" / "api").glob("*.md"))
+
+
+def _documented():
+  """{identifier: page} for every `::: identifier` directive on the API pages."""
+  found = {}
+  for page in API_PAGES:
+    for name in re.findall(r"^::: (\S+)$", page.read_text(), re.M):
+      assert name not in found, f"{name} is rendered on {found[name]} and on {page.name}"
+      found[name] = page.name
+  return found
+
+
+def test_every_public_name_is_on_an_api_page():
+  """Each name of `odn.__all__` and `odn.nnx.__all__` has its own `:::` entry (optax's check).
+
+  A name added to `__all__` without an entry on a docs/api/ page fails here: add it to the
+  page of its topic.
+  """
+  documented = _documented()
+  public = [f"optax_depthnorm.{n}" for n in odn.__all__]
+  public += [f"optax_depthnorm.nnx.{n}" for n in odn.nnx.__all__]
+  missing = [n for n in public if n not in documented]
+  assert not missing, f"public names on no page of docs/api/: {missing}"
+  # ... and nothing on the pages that is not public (a renamed or removed name).
+  extra = [n for n in documented if n not in public and n != "optax_depthnorm.linen"]
+  assert not extra, f"docs/api/ renders names that are not in __all__: {extra}"
+
+
+def test_api_pages_are_in_the_nav_by_topic():
+  nav = (ROOT / "mkdocs.yml").read_text()
+  names = [p.stem for p in API_PAGES]
+  assert sorted(names) == ["bgn", "depths", "diagnostics", "index", "plotting", "transforms"]
+  assert all(f" api/{n}.md\n" in nav for n in names)
+
+
+def test_home_page_example_prints_what_the_page_shows(capsys):
+  """docs/index.md's ten lines run and print the output written under them."""
+  text = (ROOT / "docs" / "index.md").read_text()
+  code, shown = re.search(
+    r"<!-- runs in tests[^\n]*-->\n```python\n(.*?)```\n.*?```text\n(.*?)```", text, re.S
+  ).groups()
+  assert len(code.strip().splitlines()) <= 12
+  exec(compile(code, "docs/index.md", "exec"), {})
+  assert capsys.readouterr().out == shown
 
 
 def test_getting_started_training_loop_runs(capsys):
@@ -88,16 +129,62 @@ def test_notebook_outputs_are_stripped(path):
       assert cell.get("outputs") == [] and cell.get("execution_count") is None, path.name
 
 
+def _pyproject():
+  tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+  return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _repository():
+  return _pyproject()["project"]["urls"]["Repository"]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_installs_only_on_colab_from_the_documented_url(path):
-  """First code cell: `%pip install` under `if "google.colab" in sys.modules`, from REPO."""
+def test_notebook_installs_only_on_colab_from_the_repository(path):
+  """First code cell: on Colab only, pip installs from REPO (pyproject's URL), extras that
+  pyproject defines and no pins of its own, and stops with a message when pip fails."""
   first = "".join(next(c for c in _cells(path) if c["cell_type"] == "code")["source"])
   repo = re.search(r'^REPO = "(.*)"$', first, re.M).group(1)
-  assert repo in (ROOT / "docs" / "getting_started.md").read_text()
-  assert re.search(
-    r'^if "google.colab" in sys.modules:.*\n  %pip install .*git\+\{REPO\}', first, re.M
+  assert repo == _repository()
+  assert re.search(r'^if "google.colab" in sys.modules:', first, re.M)
+  spec = re.search(
+    r'^  pip = \[sys\.executable, "-m", "pip", "install", "-q", '
+    r'f"optax_depthnorm\[([\w,]+)\] @ git\+\{REPO\}"\]$',
+    first,
+    re.M,
   )
+  assert spec, "the install is not `optax_depthnorm[extras] @ git+{REPO}` alone"
+  extras = _pyproject()["project"]["optional-dependencies"]  # the pins live there
+  assert all(e in extras for e in spec.group(1).split(","))
+  assert re.search(r"if result.returncode != 0:\n.*\n    raise RuntimeError\(", first)
   assert 'os.environ.get("ODN_NOTEBOOK_QUICK") == "1"' in first
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_has_an_open_in_colab_badge(path):
+  title = "".join(_cells(path)[0]["source"])
+  slug = _repository().split("github.com/")[1]
+  link = f"https://colab.research.google.com/github/{slug}/blob/main/notebooks/{path.name}"
+  assert (
+    f"[![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)]({link})" in title
+  )
+
+
+def test_the_repository_url_is_the_one_in_pyproject():
+  """No placeholder left, and every link to the project's repository is pyproject's URL."""
+  repo = _repository()
+  files = [ROOT / "README.md", ROOT / "CHANGELOG.md", *NOTEBOOKS, *(ROOT / "docs").rglob("*.md")]
+  for path in files:
+    text = path.read_text()
+    assert "github.com/OWNER" not in text, path
+    for url in re.findall(r"https://github\.com/[\w.-]+/optax_depthnorm", text):
+      assert url == repo, f"{path.relative_to(ROOT)}: {url} is not {repo}"
+  pytest.importorskip("mkdocs")  # the [docs] extra
+  sys.path.insert(0, str(ROOT / "docs"))
+  try:
+    import _hooks
+  finally:
+    sys.path.remove(str(ROOT / "docs"))
+  assert _hooks.repository_url() == repo  # the site's repo_url
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -195,7 +195,7 @@ def _linen_problem(depth=3, width=8, seed=0):
 
 def test_tracker_passes_updates_and_records_the_flow_in_a_jitted_scan():
   params, loss = _linen_problem()
-  opt = optax.chain(odn.track_gradient_flow(history=4), optax.sgd(0.1))
+  opt = optax.chain(odn.track_gradient_flow(history=4, stats="all"), optax.sgd(0.1))
 
   @jax.jit
   def train(params):

@@ -108,7 +108,7 @@ TRANSFORMS = {
   "layerwise_normalize_max_target_10": lambda: odn.layerwise_normalize(
     target=10.0, norm="max", stack_axis=STACK
   ),
-  "track_gradient_flow": lambda: odn.track_gradient_flow(history=2, stack_axis=STACK),
+  "track_gradient_flow": lambda: odn.track_gradient_flow(history=2, stack_axis=STACK, stats="all"),
   "scale_normalize_probe": lambda: odn.scale_normalize("probe", key=0, stack_axis=STACK),
   "scale_normalize_data": lambda: odn.scale_normalize("data", stack_axis=STACK),
   "scale_normalize_determinant": lambda: odn.scale_normalize("determinant", stack_axis=STACK),

@@ -66,15 +66,16 @@ def fmt_mean_std(values: Sequence[float], digits: int = 3) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  """A GitHub Markdown table.
+  """A GitHub Markdown table; a ``|`` in a cell is escaped, so it stays in its cell.
 
   Example:
-    >>> print(markdown_table(["depth", "acc"], [[30, 0.9]]), end="")
-    | depth | acc |
+    >>> print(markdown_table(["depth", "mean|g|"], [[30, 0.9]]), end="")
+    | depth | mean\\|g\\| |
     | --- | --- |
     | 30 | 0.9 |
   """
-  cells = [[str(c) for c in row] for row in rows]
+  headers = [str(h).replace("|", "\\|") for h in headers]
+  cells = [[str(c).replace("|", "\\|") for c in row] for row in rows]
   for row in cells:
     if len(row) != len(headers):
       raise ValueError(f"a row has {len(row)} cells for {len(headers)} headers: {row}")

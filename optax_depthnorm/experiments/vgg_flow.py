@@ -100,7 +100,7 @@ def _variant(name: str, cfg: Config) -> tuple[str, tuple]:
 def _tx_factory(layerwise: bool, depths: Any, total_steps: int):
   def make_tx(learning_rate):
     return optax.chain(
-      odn.track_gradient_flow(history=FLOW_STEPS, depths=depths),
+      odn.track_gradient_flow(history=FLOW_STEPS, depths=depths, stats="all"),
       *([odn.layerwise_normalize(depths=depths)] if layerwise else []),
       optax.scale_by_adam(),
       optax.scale_by_schedule(optax.cosine_decay_schedule(1.0, total_steps)),
@@ -111,10 +111,12 @@ def _tx_factory(layerwise: bool, depths: Any, total_steps: int):
 
 
 def _init_flow(model, params, batch_stats, x, y, depths) -> odn.FlowReport:
-  def loss(p):
-    return train.loss_fn(model, p, batch_stats, x, y)[0]
+  @jax.jit  # one compile; run op by op, the backward pass compiled some 300 small programs
+  def flow(params, batch_stats, x, y):
+    loss = lambda p: train.loss_fn(model, p, batch_stats, x, y)[0]
+    return odn.gradient_flow(jax.grad(loss)(params), params, depths)
 
-  return odn.gradient_flow(jax.grad(loss)(params), params, depths)
+  return flow(params, batch_stats, x, y)
 
 
 def _mean_flow(report_hist: odn.FlowReport) -> odn.FlowReport:
