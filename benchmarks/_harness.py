@@ -235,6 +235,14 @@ def measure(
   }
 
 
+def write_json(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
+  """Writes `result` to ``--json`` when given; returns it."""
+  if args.json is not None:
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+  return result
+
+
 def run_all(
   makers: dict[str, Callable[[], Runner]],
   args: argparse.Namespace,
@@ -258,7 +266,4 @@ def run_all(
     "config": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},
     **measure(makers, args, facts),
   }
-  if args.json is not None:
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
-  return result
+  return write_json(args, result)

@@ -27,7 +27,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import flax.linen as nn
@@ -41,6 +40,7 @@ from _harness import (
   machine_facts,
   measure,
   print_machine,
+  write_json,
 )
 from transform_overhead import resnet50_params, tree_size
 
@@ -164,10 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     },
     "trees": trees,
   }
-  if args.json is not None:
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
-  return result
+  return write_json(args, result)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 from typing import Any
 
@@ -39,6 +38,7 @@ from _harness import (
   machine_facts,
   measure,
   print_machine,
+  write_json,
 )
 
 import optax_depthnorm as odn
@@ -189,10 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     "config": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "batch": BATCH},
     "networks": networks,
   }
-  if args.json is not None:
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
-  return result
+  return write_json(args, result)
 
 
 if __name__ == "__main__":

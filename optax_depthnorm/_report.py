@@ -78,16 +78,20 @@ class FlowReport:
   ratio: jax.Array | None = None
   step: jax.Array | None = None
 
-  def table(self) -> str:
-    """The report as a text table, one layer per line."""
+  def _check_one_step(self, name: str, verb: str) -> None:
+    """Raises unless the report holds concrete values of one step (for `name`)."""
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(self)):
-      raise TypeError(TRACED_MSG.format(what="FlowReport.table()"))
+      raise TypeError(TRACED_MSG.format(what=f"FlowReport.{name}()"))
     if np.ndim(self.norm) != 1:
       raise ValueError(
-        f"table() shows one step, but this report holds arrays of shape "
+        f"{name}() {verb} one step, but this report holds arrays of shape "
         f"{np.shape(self.norm)} (stacked steps); pick one first: "
         "`jax.tree.map(lambda x: x[-1], report)`."
       )
+
+  def table(self) -> str:
+    """The report as a text table, one layer per line."""
+    self._check_one_step("table", "shows")
     columns = [
       ("depth", [str(d) for d in self.depths]),
       ("path", list(self.paths)),
@@ -149,14 +153,7 @@ class FlowReport:
       >>> sorted(odn.gradient_flow(grads).scalars(prefix=""))[:4]
       ['Dense_0/max_abs', 'Dense_0/mean_abs', 'Dense_0/norm', 'Dense_0/rms']
     """
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(self)):
-      raise TypeError(TRACED_MSG.format(what="FlowReport.scalars()"))
-    if np.ndim(self.norm) != 1:
-      raise ValueError(
-        f"scalars() logs one step, but this report holds arrays of shape "
-        f"{np.shape(self.norm)} (stacked steps); pick one first: "
-        "`jax.tree.map(lambda x: x[-1], report)`."
-      )
+    self._check_one_step("scalars", "logs")
     if not isinstance(prefix, str):
       raise TypeError(f"prefix must be a str, got {type(prefix).__name__}.")
     counts: dict[str, int] = {}
