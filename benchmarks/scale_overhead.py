@@ -21,7 +21,7 @@ last table puts the per-round ratios of both trees side by side.
 Run from the repository root::
 
   python3 benchmarks/scale_overhead.py            # full size, 15 rounds
-  python3 benchmarks/scale_overhead.py --quick    # ResNet widths / 4, 3 rounds
+  python3 benchmarks/scale_overhead.py --quick    # ResNet widths / 4, 1 block per stage, 3 rounds
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from _harness import (
   print_machine,
   write_json,
 )
-from transform_overhead import resnet50_params, tree_size
+from transform_overhead import QUICK_STAGES, STAGES, resnet50_params, tree_size
 
 import optax_depthnorm as odn
 
@@ -146,10 +146,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     f"data mode gets {args.batch} input rows per layer."
   )
   key_mlp, key_resnet = jax.random.split(jax.random.key(args.seed))
-  resnet = "ResNet-50" if width_divisor == 1 else f"ResNet-50 / {width_divisor}"
+  resnet = "ResNet-50" if width_divisor == 1 else f"ResNet-50 / {width_divisor}, 1 block per stage"
   trees = {
     "MLP 784-100-100-100-10": time_tree("MLP 784-100-100-100-10", mlp_params(key_mlp), args, facts),
-    resnet: time_tree(resnet, resnet50_params(key_resnet, width_divisor), args, facts),
+    resnet: time_tree(
+      resnet,
+      resnet50_params(key_resnet, width_divisor, QUICK_STAGES if args.quick else STAGES),
+      args,
+      facts,
+    ),
   }
   print("\n## Side by side\n")
   print(side_by_side(trees))

@@ -23,7 +23,7 @@ StableHLO op count before optimization, and trace + compile time.
 Run from the repository root::
 
   python3 benchmarks/transform_overhead.py                  # full size, 15 rounds
-  python3 benchmarks/transform_overhead.py --quick          # smoke test
+  python3 benchmarks/transform_overhead.py --quick          # smoke: widths / 4, 1 block a stage
   python3 benchmarks/transform_overhead.py --json out.json  # also write results
 """
 
@@ -51,6 +51,7 @@ import optax_depthnorm as odn
 Params = dict[str, Any]
 
 STAGES = (3, 4, 6, 3)
+QUICK_STAGES = (1, 1, 1, 1)  # --quick: one block per stage, 53 leaves (a third to compile)
 STAGE_WIDTHS = (64, 128, 256, 512)
 EXPANSION = 4
 NUM_CLASSES = 1000
@@ -91,25 +92,28 @@ def _bottleneck(key: jax.Array, cin: int, width: int, project: bool) -> Params:
   return block
 
 
-def resnet50_params(key: jax.Array, width_divisor: int = 1) -> Params:
+def resnet50_params(
+  key: jax.Array, width_divisor: int = 1, stages: tuple[int, ...] = STAGES
+) -> Params:
   """Float32 params with ResNet-50's shapes (HWIO convs), as a linen-style dict.
 
   Args:
     key: PRNG key for the conv and dense kernels.
     width_divisor: divide every channel width by this (1 = the real ResNet-50).
+    stages: bottleneck blocks per stage (ResNet-50's by default).
 
   Returns:
     ``{"Conv_0", "BatchNorm_0", "BottleneckResNetBlock_0".."_15", "Dense_0"}`` in
-    creation order; 161 leaves, 25,557,032 parameters at full width.
+    creation order; 161 leaves, 25,557,032 parameters at full size.
   """
-  keys = iter(jax.random.split(key, 2 + sum(STAGES)))
+  keys = iter(jax.random.split(key, 2 + sum(stages)))
   stem = 64 // width_divisor
   params: Params = {
     "Conv_0": _conv(next(keys), 7, 7, 3, stem),
     "BatchNorm_0": _batch_norm(stem),
   }
   cin, index = stem, 0
-  for blocks, stage_width in zip(STAGES, STAGE_WIDTHS):
+  for blocks, stage_width in zip(stages, STAGE_WIDTHS, strict=True):
     width = stage_width // width_divisor
     for b in range(blocks):
       # A stage's first block changes the channel count (and, after the first
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.tree == "transformer":
     params, stack_axis = transformer_params(key_params, width_divisor), TRANSFORMER_STACK
   else:
-    params = resnet50_params(key_params, width_divisor)
+    params = resnet50_params(key_params, width_divisor, QUICK_STAGES if args.quick else STAGES)
   leaves, treedef = jax.tree_util.tree_flatten(params)
   grad_keys = jax.random.split(key_grads, len(leaves))
   grads = jax.tree_util.tree_unflatten(
@@ -289,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   n_params, n_leaves = tree_size(params)
   size = "ResNet-50" if args.tree == "resnet50" else "stacked transformer (24 blocks)"
   size += "" if width_divisor == 1 else f", widths / {width_divisor}"
+  size += ", one block per stage" if args.quick and args.tree == "resnet50" else ""
   print(f"\n## Tree: {size}: {n_params:,} params in {n_leaves} leaves (float32)")
   print(
     f"Method: compile all, {args.warmup} warm-up steps each, then {args.rounds} rounds "

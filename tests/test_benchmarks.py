@@ -23,7 +23,7 @@ def test_transform_overhead_reports_every_variant(bench, tmp_path, capsys):
   names = [r["variant"] for r in result["results"]]
   assert names[0] == "adam" and len(names) == 5 and "track_gradient_flow+adam" in names
   assert result["results"][0]["ratio"] == 1.0
-  assert result["setup"]["leaves"] == 161
+  assert result["setup"]["leaves"] == 53  # --quick: one block per stage
   assert (tmp_path / "r.json").stat().st_size > 0
   assert "| adam |" in capsys.readouterr().out
 
@@ -43,7 +43,7 @@ def test_bad_counts_are_rejected(bench):
 def test_scale_overhead_times_every_mode_on_both_trees(bench, capsys):
   result = bench("scale_overhead").main([*TINY, "--batch", "4"])
   trees = result["trees"]
-  assert list(trees) == ["MLP 784-100-100-100-10", "ResNet-50 / 4"]
+  assert list(trees) == ["MLP 784-100-100-100-10", "ResNet-50 / 4, 1 block per stage"]
   assert trees["MLP 784-100-100-100-10"]["params"] == 784 * 100 + 2 * 100 * 100 + 100 * 10 + 310
   for tree in trees.values():
     names = [r["variant"] for r in tree["results"]]

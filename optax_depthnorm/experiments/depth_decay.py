@@ -78,13 +78,13 @@ PRESETS = {
   # 15 epochs = 6,435 SGD steps per run, 6 rates x 6 variants x 2 seeds (18 min on 2 cores).
   "cpu": Config(models=("mlp",), epochs=15),
   # The CNNs on a 2-core CPU, about 2 hours: 14 x 14 images, width 8, 10,000 images to train,
-  # 2,000 to pick the rate, 10 epochs = 780 steps per run, 4 rates over 100x, 1 seed.
+  # 2,000 to pick the rate, 10 epochs = 780 steps per run, 6 rates over 3,333x, 2 seeds.
   "long": Config(
     models=("resnet", "plain"),
     width=8,
     image_size=14,
-    lrs=tuple(float(x) for x in np.geomspace(3e-3, 3e-1, 4)),
-    seeds=(0,),
+    lrs=tuple(float(f"{x:.2g}") for x in np.geomspace(3e-4, 1.0, 6)),
+    seeds=(0, 1),
     epochs=10,
     train_size=10000,
     val_size=2000,
