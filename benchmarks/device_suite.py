@@ -31,10 +31,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# (name, module, arguments at full size). Order: the targets first.
+# (name, module, arguments at full size). Order: the targets first. Ten steps a
+# round, so that each round of an `every_k_steps=10` tracker holds one recorded step.
 PLAN: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-  ("transform_overhead_resnet50", "transform_overhead", ("--variant", "all")),
-  ("transform_overhead_transformer", "transform_overhead", ("--tree", "transformer")),
+  ("transform_overhead_resnet50", "transform_overhead", ("--variant", "all", "--steps", "10")),
+  (
+    "transform_overhead_transformer",
+    "transform_overhead",
+    ("--tree", "transformer", "--steps", "10"),
+  ),
   ("bgn_overhead", "bgn_overhead", ()),
   ("scale_train_step", "scale_train_step", ()),
   ("scale_overhead", "scale_overhead", ()),

@@ -30,6 +30,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -241,6 +242,23 @@ def optimizer_runner(tx: optax.GradientTransformation, params: Params, grads: Pa
   return Runner(step, (own, state), grads)
 
 
+def period_notes(names: list[str], steps: int) -> list[str]:
+  """A note for each ``every_k_steps=k`` variant whose k does not divide `steps`.
+
+  Its recorded step then falls in some rounds and not others, and the median of
+  the per-round ratios says little about its average cost.
+  """
+  notes = []
+  for name in names:
+    for k in map(int, re.findall(r"every_k_steps=(\d+)", name)):
+      if steps % k:
+        notes.append(
+          f"note: {name} records every {k} steps but a round has {steps}; use --steps "
+          f"{k} (or a multiple) for its average cost."
+        )
+  return notes
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   add_timing_args(parser)
@@ -299,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     f"Method: compile all, {args.warmup} warm-up steps each, then {args.rounds} rounds "
     f"alternating the variants, {args.steps} consecutive steps per variant per round.\n"
   )
+  for note in period_notes(args.variants, args.steps):
+    print(note)
   known = variants(stack_axis) if stack_axis is not None else variants()
   makers = {
     name: (lambda make=known[name]: optimizer_runner(make(), params, grads))

@@ -109,3 +109,11 @@ def test_device_suite_plans_every_benchmark_and_writes_its_tables(bench, tmp_pat
   assert "bgn_overhead" in (tmp_path / "summary.md").read_text()
   skipped = module.run(tmp_path / "b", module.plan(True, ["infer_time"]), budget_s=-1)
   assert skipped["runs"][0]["status"].startswith("skipped")
+
+
+def test_transform_overhead_notes_a_period_that_a_round_splits(bench):
+  notes = bench("transform_overhead").period_notes
+  k10 = "track_gradient_flow(every_k_steps=10)+adam"
+  assert notes(["adam", k10], 10) == notes([k10], 20) == []
+  (note,) = notes(["adam", k10], 5)
+  assert note.startswith(f"note: {k10} records every 10 steps but a round has 5; use --steps 10")
