@@ -141,13 +141,19 @@ def _inside(a: tuple[tuple[str, ...], str], b: tuple[tuple[str, ...], str]) -> b
   return _index_in(a[0], b) is not None
 
 
-def _regex_members(leaves: Sequence[Leaf], blocks: str | re.Pattern[str]) -> dict:
-  pattern = re.compile(blocks)
+def compile_indexed(regex: str | re.Pattern[str], arg: str, index: str, example: str):
+  """Compiles the regex of argument `arg`, checking that it has a group for the `index`."""
+  pattern = re.compile(regex)
   if pattern.groups < 1:
     raise ValueError(
-      f"blocks regex {pattern.pattern!r} has no group; its first group must capture the "
-      r"block index, e.g. r'layer_(\d+)/'."
+      f"{arg} regex {pattern.pattern!r} has no group; its first group must capture the "
+      f"{index}, e.g. {example}."
     )
+  return pattern
+
+
+def _regex_members(leaves: Sequence[Leaf], blocks: str | re.Pattern[str]) -> dict:
+  pattern = compile_indexed(blocks, "blocks", "block index", r"r'layer_(\d+)/'")
   out: dict[int, tuple[Hashable, int]] = {}
   for i, leaf in enumerate(leaves):
     match = pattern.search("/".join(leaf.parts))

@@ -138,13 +138,7 @@ def _rule_depths(
 
 def compile_rule(rule: str | re.Pattern[str]) -> re.Pattern[str]:
   """Compiles a regex rule, checking that it has a group for the layer index."""
-  pattern = re.compile(rule)
-  if pattern.groups < 1:
-    raise ValueError(
-      f"rule regex {pattern.pattern!r} has no group; its first group must capture "
-      r"the layer index, e.g. r'layers_(\d+)'."
-    )
-  return pattern
+  return _blocks.compile_indexed(rule, "rule", "layer index", r"r'layers_(\d+)'")
 
 
 def _is_nnx_module(tree: Any) -> bool:
