@@ -182,12 +182,23 @@ def norm(l2_norm: Any, totals: Sums, kind: str = "l2") -> jax.Array:
   return l2_norm
 
 
-def vector_norm(x: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
-  """The L2 norm of `x` over `axis` (all axes by default), reduced axes dropped."""
+def vector_norm(
+  x: jax.Array, axis: int | tuple[int, ...] | None = None, bounded: bool = False
+) -> jax.Array:
+  """The L2 norm of `x` over `axis` (all axes by default), reduced axes dropped.
+
+  With `bounded` the caller guarantees that no square of `x` overflows and that
+  a norm small enough to lose precision to underflowed squares does not matter
+  (data brought to a largest entry in [1, 2) by a power of two, and products of
+  such data): a plain sum of squares, no range check. A zero vector would
+  otherwise take the careful path (zero rows are common: a black image border).
+  """
   axes = (
     set(range(x.ndim)) if axis is None else {int(a) % max(x.ndim, 1) for a in np.atleast_1d(axis)}
   )
   keep = tuple(a for a in range(x.ndim) if a not in axes)
   totals = sums(x, keep)
+  if bounded:
+    return jnp.reshape(jnp.sqrt(totals.sq), [x.shape[a] for a in keep])
   out = l2([x], [keep], lambda vs: vs[0], totals)
   return jnp.reshape(out, [x.shape[a] for a in keep])
