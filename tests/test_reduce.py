@@ -83,6 +83,12 @@ def test_norm_kinds_and_vector_norm():
   assert float(_reduce.norm(n, s, "max").squeeze()) == 4.0
   assert float(_reduce.norm(n, s, "rms").squeeze()) == pytest.approx(2.5)
   np.testing.assert_allclose(_reduce.vector_norm(x, axis=-1), [5.0, 1e-30], rtol=RTOL)
+  # bounded: the caller's data cannot over- or underflow; a plain sum, no range check
+  unit = jnp.asarray([[1.5, -1.0], [0.0, 0.0]], jnp.float32)
+  bounded = lambda v: _reduce.vector_norm(v, axis=-1, bounded=True)
+  np.testing.assert_allclose(bounded(unit), [np.hypot(1.5, 1.0), 0.0], rtol=RTOL)
+  assert "cond" not in str(jax.make_jaxpr(bounded)(unit))
+  assert "cond" in str(jax.make_jaxpr(lambda v: _reduce.vector_norm(v, axis=-1))(unit))
 
 
 def test_huge_gradient_normalizes_to_norm_one():

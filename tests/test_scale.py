@@ -520,3 +520,18 @@ def test_update_errors():
   static = optax.inject_hyperparams(odn.scale_normalize, static_args="num_probes")
   tx = static(mode="probe", num_probes=4)
   jax.jit(tx.update)(updates, tx.init(params), params)  # fine once static
+
+
+@pytest.mark.parametrize("row_scale", [1.0, 1e-30, 1e30, 3e38])
+def test_mean_scale_over_float32s_range_with_zero_rows(row_scale):
+  from optax_depthnorm import _matrices
+
+  m = RNG.standard_normal((9, 4)).astype(np.float32)
+  rows = RNG.standard_normal((12, 9)) * np.logspace(-3, 3, 12)[:, None]  # rows of unlike sizes
+  rows[::3] = 0  # all-zero rows (a black image border): left out of the mean
+  x = (rows / np.abs(rows).max() * row_scale).astype(np.float32)  # largest |entry|: row_scale
+  want = ref_mean_scale(m, np.asarray(x, np.float64))
+  assert_close(_matrices.mean_scale(m, x), want)
+  assert_close(_matrices.mean_scale.__wrapped__(m, x), want)  # without jit
+  # The rows' norms are plain sums of the scaled rows: no range check, no careful path.
+  assert "cond" not in str(jax.make_jaxpr(_matrices.mean_scale.__wrapped__)(m, x))
