@@ -10,6 +10,7 @@ singular values (eq. 1). Lo, Amaral & Ding, "Scale normalization", 2016.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
@@ -162,6 +163,34 @@ def _unit_pow2(x: jax.Array, axis: int | None) -> tuple[jax.Array, jax.Array]:
   unit = x * jnp.ldexp(one, half) * jnp.ldexp(one, shift - half)
   scale = jnp.ldexp(one, exponent - 1)
   return unit, jnp.squeeze(scale) if axis is None else scale
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+def probes(key: jax.Array, specs: Sequence[tuple[str, tuple[int, ...], Any]]) -> list[jax.Array]:
+  """Gaussian probes for each (path, shape, dtype): ``normal(fold_in(key, crc32(path)), shape)``.
+
+  Keyed by the weight's path, so they are the same under `masked`, NNX and
+  pure trees. Drawn in a few batched calls instead of one per weight (a
+  threefry draw is a loop of many small kernels on a CPU): weights whose probe
+  counts round up to the same power of two share one vmapped draw, each then
+  taking the first entries of its row (with JAX's default partitionable
+  threefry the values do not depend on the length drawn).
+  """
+  groups: dict[tuple, list[int]] = {}
+  for i, (_, shape, dtype) in enumerate(specs):
+    size = math.prod(shape)
+    groups.setdefault((jnp.dtype(dtype), 1 << max(size - 1, 0).bit_length()), []).append(i)
+  out: list[Any] = [None] * len(specs)
+  for (dtype, length), members in groups.items():
+    tags = jnp.asarray([zlib.crc32(specs[i][0].encode()) & 0x7FFFFFFF for i in members])
+    draw = lambda tag, n=length, t=dtype: jax.random.normal(jax.random.fold_in(key, tag), (n,), t)
+    rows = jax.vmap(draw)(tags)
+    for row, i in zip(rows, members):
+      shape = specs[i][1]
+      out[i] = jnp.reshape(row[: math.prod(shape)], shape)
+  return out
 
 
 # ----------------------------------------------------------------------------- layer inputs

@@ -8,7 +8,6 @@ probes, or from its singular values (the pseudo-determinant).
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -115,11 +114,6 @@ def _rescaled_update(u: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
   dtype = _tree.acc_dtype(u.dtype, w.dtype)
   s = s.astype(dtype)
   return _tree.cast_back(s * u.astype(dtype) + (s - 1) * w.astype(dtype), u.dtype)
-
-
-def _path_key(key: jax.Array, name: str) -> jax.Array:
-  """A key for one weight, from its path: the same under `masked`, NNX and pure trees."""
-  return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def _init_key(key: Any) -> jax.Array:
@@ -364,9 +358,8 @@ def scale_normalize(
             _matrices.inputs_for(inputs, name, layer, fan_in, dtype, lead[0] if lead else None)
           )
         elif mode == "probe":
-          shape = (*lead, num_probes, fan_in)
-          xs.append(jax.random.normal(_path_key(step_key, name), shape, dtype))
-      return mats, xs
+          xs.append((name, (*lead, num_probes, fan_in), dtype))
+      return mats, _matrices.probes(step_key, xs) if mode == "probe" else xs
 
     def scale(m: jax.Array, x: Any) -> jax.Array:
       fn = _matrices.determinant_scale if mode == "determinant" else _matrices.mean_scale

@@ -535,3 +535,26 @@ def test_mean_scale_over_float32s_range_with_zero_rows(row_scale):
   assert_close(_matrices.mean_scale.__wrapped__(m, x), want)  # without jit
   # The rows' norms are plain sums of the scaled rows: no range check, no careful path.
   assert "cond" not in str(jax.make_jaxpr(_matrices.mean_scale.__wrapped__)(m, x))
+
+
+def test_probes_are_each_weights_own_draw_in_few_calls():
+  import zlib
+
+  from optax_depthnorm import _matrices
+
+  key = jax.random.key(7)
+  specs = [
+    ("Dense_0/kernel", (16, 784), jnp.float32),
+    ("Dense_1/kernel", (16, 100), jnp.float32),
+    ("Dense_2/kernel", (16, 100), jnp.float32),
+    ("blocks/kernel", (3, 16, 64), jnp.float32),  # a stacked weight
+  ]
+  got = _matrices.probes(key, specs)
+  for (name, shape, dtype), x in zip(specs, got):
+    own = jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    np.testing.assert_array_equal(x, jax.random.normal(own, shape, dtype))
+    assert x.shape == shape
+  # One batched draw per power of two: Dense_1 and Dense_2 (1,600 probes each) share the
+  # 2,048 one; three draws for four weights.
+  jaxpr = str(jax.make_jaxpr(lambda k: _matrices.probes(k, specs))(key))
+  assert jaxpr.count("random_bits") == 3
