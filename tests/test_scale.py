@@ -9,6 +9,7 @@ checked here.
 
 import pathlib
 import re
+import zlib
 
 import chex
 import flax.linen as nn
@@ -24,6 +25,14 @@ from tests.tolerance import assert_close
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
 EPS32 = float(np.finfo(np.float32).eps)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rng(request):
+  """Reseeds RNG for each test from its name, so that a test draws the same data whatever
+  ran before it on its worker (pytest-xdist spreads the tests differently from run to run)."""
+  global RNG
+  RNG = np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
 # ----------------------------------------------------------------------------- references
@@ -538,8 +547,6 @@ def test_mean_scale_over_float32s_range_with_zero_rows(row_scale):
 
 
 def test_probes_are_each_weights_own_draw_in_few_calls():
-  import zlib
-
   from optax_depthnorm import _matrices
 
   key = jax.random.key(7)
