@@ -141,7 +141,9 @@ def _inside(a: tuple[tuple[str, ...], str], b: tuple[tuple[str, ...], str]) -> b
   return _index_in(a[0], b) is not None
 
 
-def compile_indexed(regex: str | re.Pattern[str], arg: str, index: str, example: str):
+def compile_indexed(
+  regex: str | re.Pattern[str], arg: str, index: str, example: str
+) -> re.Pattern[str]:
   """Compiles the regex of argument `arg`, checking that it has a group for the `index`."""
   pattern = re.compile(regex)
   if pattern.groups < 1:

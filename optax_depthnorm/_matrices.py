@@ -157,7 +157,7 @@ def _unit_pow2(x: jax.Array, axis: int | None) -> tuple[jax.Array, jax.Array]:
   _, exponent = jnp.frexp(jnp.where((top > 0) & jnp.isfinite(top), top, 1))
   # Two exact multiplies by 2^(k/2): one factor 2^(1-e) is subnormal (flushed to 0) for
   # e = 128; the halves are normal over the whole range. Not ldexp on `x`: elementwise,
-  # it is 5x slower on XLA:CPU (ldexp is used on the per-row exponents only).
+  # it is much slower on XLA:CPU (ldexp is used on the per-row exponents only).
   shift = 1 - exponent
   half, one = shift // 2, jnp.ones_like(top)
   unit = x * jnp.ldexp(one, half) * jnp.ldexp(one, shift - half)
